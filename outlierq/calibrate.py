@@ -1,0 +1,285 @@
+"""Calibration: stream token windows through the model and keep running activation statistics.
+
+Forward hooks on every nn.Linear input and on every decoder layer's output (the residual stream,
+where massive activations live). Only reductions are kept (max, sum, count, histogram, top-k), so
+two runs over different text merge exactly (`ActivationStats.merge`) — the basis for data-parallel
+calibration with an all_reduce. Activations themselves are never stored, except an optional small
+row sample per Linear input (`keep_rows`) that the per-layer alpha search scores candidates on."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .errors import OutlierqError
+from .models.arch import decoder_layers, get_arch
+from .provenance import atomic_path, stamp
+
+DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
+TOP_K = 16
+# per-token absmax histogram: bins on a log2 scale from 2^-10 to 2^16, half an octave wide
+HIST_EDGES = torch.tensor([2.0 ** (e / 2) for e in range(-20, 33)])
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one activation tensor with N channels."""
+    absmax: torch.Tensor        # f32 [N]  per-channel max |x|
+    abssum: torch.Tensor        # f64 [N]  per-channel sum |x| (mean = abssum / tokens)
+    counts: torch.Tensor        # i64 [T, N] per-channel count of |x| > thresholds[t]
+    token_hist: torch.Tensor    # i64 [len(HIST_EDGES)+1] histogram of per-token max |x|
+    top_values: torch.Tensor    # f32 [<=K] the largest |x| seen, one per token
+    top_where: torch.Tensor     # i64 [<=K, 3] (sample, position, channel) of each
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, n: int, n_thr: int) -> "TensorStats":
+        return cls(torch.zeros(n), torch.zeros(n, dtype=torch.float64),
+                   torch.zeros(n_thr, n, dtype=torch.int64),
+                   torch.zeros(len(HIST_EDGES) + 1, dtype=torch.int64),
+                   torch.zeros(0), torch.zeros(0, 3, dtype=torch.int64))
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abssum / max(self.tokens, 1)).float()
+
+    def update(self, x2: torch.Tensor, cs: ops.ChannelStats, sample0: int, seqlen: int) -> None:
+        torch.maximum(self.absmax, cs.col_absmax.cpu(), out=self.absmax)
+        self.abssum += cs.col_abssum.cpu().double()
+        self.counts += cs.col_count.cpu().long()
+        self.tokens += x2.shape[0]
+        rows = cs.row_absmax
+        self.token_hist += torch.bincount(torch.bucketize(rows.cpu(), HIST_EDGES),
+                                          minlength=len(HIST_EDGES) + 1)
+        k = min(TOP_K, rows.numel())
+        vals, idx = rows.topk(k)
+        chan = x2[idx].abs().argmax(1)
+        where = torch.stack([sample0 + idx // seqlen, idx % seqlen, chan], 1).cpu()
+        self._merge_top(vals.cpu().float(), where)
+
+    def _merge_top(self, vals: torch.Tensor, where: torch.Tensor) -> None:
+        v = torch.cat([self.top_values, vals])
+        w = torch.cat([self.top_where, where])
+        keep = v.topk(min(TOP_K, v.numel())).indices
+        self.top_values, self.top_where = v[keep], w[keep]
+
+    def merge(self, other: "TensorStats") -> "TensorStats":
+        """Exact merge of statistics gathered over different text (sample ids are kept as-is)."""
+        out = TensorStats(torch.maximum(self.absmax, other.absmax), self.abssum + other.abssum,
+                          self.counts + other.counts, self.token_hist + other.token_hist,
+                          self.top_values.clone(), self.top_where.clone(), self.tokens + other.tokens)
+        out._merge_top(other.top_values, other.top_where)
+        return out
+
+    _FIELDS = ("absmax", "abssum", "counts", "token_hist", "top_values", "top_where")
+
+
+@dataclass
+class ActivationStats:
+    thresholds: tuple[float, ...]
+    inputs: dict[str, TensorStats] = field(default_factory=dict)    # Linear name -> its input
+    residual: dict[str, TensorStats] = field(default_factory=dict)  # decoder layer -> its output
+    meta: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear name -> rows [R, N]
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        if self.thresholds != other.thresholds or self.inputs.keys() != other.inputs.keys():
+            raise OutlierqError("cannot merge statistics with different thresholds or layers")
+        return ActivationStats(
+            self.thresholds,
+            {k: v.merge(other.inputs[k]) for k, v in self.inputs.items()},
+            {k: v.merge(other.residual[k]) for k, v in self.residual.items()},
+            dict(self.meta, tokens=self.meta.get("tokens", 0) + other.meta.get("tokens", 0)),
+        )
+
+    def input_absmax(self, name: str) -> torch.Tensor:
+        if name not in self.inputs:
+            raise OutlierqError(f"statistics have no entry for Linear {name!r}; "
+                                "were they calibrated on this model?")
+        return self.inputs[name].absmax
+
+    # ---- persistence: safetensors + JSON metadata -------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for kind, table in (("in", self.inputs), ("res", self.residual)):
+            for name, st in table.items():
+                for f in TensorStats._FIELDS:
+                    tensors[f"{kind}/{name}/{f}"] = getattr(st, f).contiguous()
+        # Linears that read the same tensor (q/k/v) share one sample: store it once.
+        seen: dict[int, str] = {}
+        aliases = {}
+        for name, rows in self.samples.items():
+            if id(rows) in seen:
+                aliases[name] = seen[id(rows)]
+            else:
+                seen[id(rows)] = name
+                tensors[f"sample/{name}"] = rows.contiguous()
+        meta = dict(self.meta, thresholds=list(self.thresholds), sample_aliases=aliases,
+                    tokens_in={k: v.tokens for k, v in self.inputs.items()},
+                    tokens_res={k: v.tokens for k, v in self.residual.items()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"outlierq": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationStats":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise OutlierqError(f"statistics file not found: {path}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["outlierq"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # header errors come as several exception types
+            raise OutlierqError(f"{path} is not an outlierq statistics file ({e})") from None
+        out = cls(tuple(meta.pop("thresholds")))
+        aliases = meta.pop("sample_aliases", {})
+        tok_in, tok_res = meta.pop("tokens_in"), meta.pop("tokens_res")
+        for kind, table, toks in (("in", out.inputs, tok_in), ("res", out.residual, tok_res)):
+            for name, n in toks.items():
+                table[name] = TensorStats(*(tensors[f"{kind}/{name}/{f}"] for f in TensorStats._FIELDS),
+                                          tokens=n)
+        for k, v in tensors.items():
+            if k.startswith("sample/"):
+                out.samples[k[len("sample/"):]] = v
+        for name, src in aliases.items():
+            out.samples[name] = out.samples[src]
+        out.meta = meta
+        return out
+
+    def check_matches(self, model: nn.Module) -> None:
+        """Refuse statistics gathered on a model whose layers or shapes differ."""
+        mods = dict(model.named_modules())
+        for name, st in self.inputs.items():
+            m = mods.get(name)
+            n = st.absmax.numel()
+            if not isinstance(m, nn.Linear) or m.in_features != n:
+                got = f"in_features={m.in_features}" if isinstance(m, nn.Linear) else "missing"
+                raise OutlierqError(f"statistics do not match this model: Linear {name!r} has "
+                                    f"{n} input channels in the stats, {got} in the model; "
+                                    f"recalibrate (stats came from {self.meta.get('model')!r})")
+        linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
+        missing = linears - self.inputs.keys()
+        if missing:
+            raise OutlierqError(f"statistics do not match this model: no stats for "
+                                f"{len(missing)} Linears (e.g. {sorted(missing)[0]!r}); recalibrate")
+
+
+class _Recorder:
+    """Holds the hooks; removed in `close()` even when the forward pass fails."""
+
+    def __init__(self, model: nn.Module, thresholds, keep_rows: int, rows_per_batch: int,
+                 backend: str, seed: int):
+        self.thr = thresholds
+        self.backend = backend
+        self.keep = keep_rows
+        self.rows_per_batch = rows_per_batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.inputs: dict[str, TensorStats] = {}
+        self.residual: dict[str, TensorStats] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.fired: dict[str, int] = {}
+        self.sample0 = 0
+        self.seqlen = 1
+        self._last: tuple[torch.Tensor, ops.ChannelStats, list] | None = None
+        self.handles = []
+        spec = get_arch(model)
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear):
+                self.inputs[name] = TensorStats.empty(mod.in_features, len(thresholds))
+                self.handles.append(mod.register_forward_hook(self._linear_hook(name)))
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            name = f"{spec.layers}.{i}"
+            self.residual[name] = TensorStats.empty(model.config.hidden_size, len(thresholds))
+            self.handles.append(layer.register_forward_hook(self._residual_hook(name)))
+
+    def _stats(self, x: torch.Tensor):
+        # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
+        if self._last is not None and self._last[0] is x:
+            return self._last[1], self._last[2]
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        cs = ops.channel_stats(x2, self.thr, backend=self.backend)
+        kept = []
+        if self.keep:
+            idx = torch.randperm(x2.shape[0], generator=self.gen)[: self.rows_per_batch]
+            kept = [x2[idx.to(x2.device)].float().cpu()]
+        self._last = (x, cs, kept)
+        return cs, kept
+
+    def _record(self, table, name, x):
+        cs, kept = self._stats(x)
+        table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
+        self.fired[name] = self.fired.get(name, 0) + 1
+        return kept
+
+    def _linear_hook(self, name):
+        def hook(mod, args, out):
+            kept = self._record(self.inputs, name, args[0])
+            if kept:
+                self.samples.setdefault(name, []).extend(kept)
+        return hook
+
+    def _residual_hook(self, name):
+        def hook(mod, args, out):
+            self._record(self.residual, name, out[0] if isinstance(out, tuple) else out)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._last = None
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS,
+              batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
+              progress: bool = True, meta: dict | None = None) -> ActivationStats:
+    """Run `windows` [S, L] through `model` and return its ActivationStats.
+
+    keep_rows > 0 also keeps about that many random rows of every Linear input (for the
+    per-layer alpha search)."""
+    thresholds = tuple(float(t) for t in thresholds)
+    n_batches = math.ceil(windows.shape[0] / batch_size)
+    rec = _Recorder(model, thresholds, keep_rows, math.ceil(keep_rows / n_batches) if keep_rows else 0,
+                    backend, seed)
+    device = next(model.parameters()).device
+    try:
+        for b in tqdm(range(n_batches), desc="calibrate", unit="batch", disable=not progress):
+            batch = windows[b * batch_size: (b + 1) * batch_size].to(device)
+            rec.sample0, rec.seqlen = b * batch_size, batch.shape[1]
+            model(input_ids=batch, use_cache=False)
+            rec._last = None
+    finally:
+        rec.close()
+    silent = [n for n in list(rec.inputs) + list(rec.residual) if not rec.fired.get(n)]
+    if silent:
+        raise OutlierqError(f"{len(silent)} calibration hooks never fired (e.g. {silent[0]!r}); "
+                            "the model's forward skips these modules")
+    bad = [n for t in (rec.inputs, rec.residual) for n, s in t.items()
+           if not torch.isfinite(s.absmax).all()]
+    if bad:
+        raise OutlierqError(f"NaN/Inf activations in {len(bad)} layers, first {bad[0]!r}; "
+                            "try --dtype float32")
+    samples = {}
+    by_src: dict[int, torch.Tensor] = {}
+    for name, parts in rec.samples.items():
+        key = id(parts[0])  # Linears that read one tensor share one sample tensor
+        if key not in by_src:
+            by_src[key] = torch.cat(parts)[:keep_rows]
+        samples[name] = by_src[key]
+    info = dict(meta or {})
+    info.update(model=getattr(model, "outlierq_source", getattr(model, "name_or_path", "?")),
+                architecture=get_arch(model).family, samples=int(windows.shape[0]),
+                seqlen=int(windows.shape[1]), seed=seed, tokens=int(windows.numel()), **stamp())
+    return ActivationStats(thresholds, rec.inputs, rec.residual, info, samples)

@@ -1,0 +1,51 @@
+"""Perplexity under one fixed protocol (../shared/data/README.md).
+
+Tokenize the whole text once, cut non-overlapping windows of `seqlen` tokens from the start, drop
+the remainder, mean token NLL over all windows, ppl = exp(mean). No BOS is inserted per window."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import check_seqlen, eval_windows
+
+
+@dataclass
+class PplResult:
+    ppl: float
+    nll: float
+    windows: int
+    windows_available: int
+    seqlen: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048, windows: int | None = None,
+               progress: bool = True) -> PplResult:
+    """Perplexity of `model` on the 1-D token tensor `ids` (see the module doc for the protocol)."""
+    check_seqlen(model, seqlen)
+    wins = eval_windows(ids, seqlen, windows)
+    device = next(model.parameters()).device
+    total = 0.0
+    t0 = time.perf_counter()
+    for w in tqdm(wins, desc="perplexity", unit="window", disable=not progress):
+        logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1]
+        total += F.cross_entropy(logits.float(), w[1:].to(device), reduction="sum").item()
+    dt = time.perf_counter() - t0
+    n_pred = wins.shape[0] * (seqlen - 1)
+    nll = total / n_pred
+    return PplResult(ppl=math.exp(nll), nll=nll, windows=wins.shape[0],
+                     windows_available=ids.numel() // seqlen, seqlen=seqlen,
+                     tokens=int(wins.numel()), seconds=dt, tokens_per_s=wins.numel() / dt)

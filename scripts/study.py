@@ -1,0 +1,160 @@
+"""The perplexity study: every mitigation x quantizer on one model, one protocol.
+
+    python scripts/study.py --model smollm2-135m --windows 16 [--full-best]
+
+Writes results/ppl_<model>.json and .md after every row (a partial run still leaves a table).
+Drives the library only: load_model -> calibrate -> mitigate -> quantize_ -> perplexity."""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from outlierq import calibrate, load_model, perplexity
+from outlierq.data import calib_windows, read_text, tokenize
+from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from outlierq.provenance import stamp, write_json, write_text
+from outlierq.quantize import LLMInt8, W8A8, quantize_
+
+# (label, recipe, quantizer). The recipe's alpha search scores for the same activation mode.
+ROWS = [
+    ("FP32", "", None),
+    ("int8 weights only", "", W8A8(act="none")),
+    ("W8A8 naive", "", "both"),
+    ("SmoothQuant a=0.5", "smoothquant:alpha=0.5", "both"),
+    ("SmoothQuant a=0.8", "smoothquant:alpha=0.8", "both"),
+    ("SmoothQuant searched", "smoothquant:alpha=search,act={act}", "both"),
+    ("OCS split", "split:ratio=4", "both"),
+    ("OCS split + SmoothQuant searched", "split:ratio=4+smoothquant:alpha=search,act={act}", "both"),
+    ("LLM.int8 (bitsandbytes, t=6.0)", "", LLMInt8()),
+]
+
+
+def _quantizers(q):
+    if q == "both":
+        return [("token", W8A8(act="token")), ("tensor", W8A8(act="tensor"))]
+    return [("token" if isinstance(q, W8A8) and q.act == "token" else
+             ("-" if q is None else getattr(q, "act", "llm.int8")), q)]
+
+
+def _table(rows: list[dict], fp: float | None) -> str:
+    out = ["| configuration | activations | ppl | vs FP32 | windows | calib s | eval tokens/s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = "—" if fp is None or r["label"] == "FP32" else f"{100 * (r['ppl'] / fp - 1):+.2f}%"
+        out.append(f"| {r['label']} | {r['act']} | {r['ppl']:.3f} | {d} | {r['windows']} | "
+                   f"{r['calib_seconds']:.0f} | {r['tokens_per_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--keep-rows", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None, help="comma-separated row labels to run")
+    ap.add_argument("--full", default=None,
+                    help="'label|act' rows to also evaluate on all windows, ';'-separated")
+    ap.add_argument("--robust", default=None, help="'label|act' row recalibrated on tinyshakespeare")
+    ap.add_argument("--out", default="results")
+    a = ap.parse_args()
+
+    model, tok = load_model(a.model)
+    ids = tokenize(tok, read_text("wikitext2", "eval"))
+    name = Path(a.model).name
+    stats_cache: dict[str, tuple] = {}
+
+    def stats_for(data: str):
+        if data not in stats_cache:
+            w = calib_windows(tokenize(tok, read_text(data, "calib")), a.samples, a.seqlen, a.seed)
+            t0 = time.perf_counter()
+            s = calibrate(model, w, keep_rows=a.keep_rows, seed=a.seed, meta={"data": data})
+            stats_cache[data] = (s, time.perf_counter() - t0)
+        return stats_cache[data]
+
+    rows: list[dict] = []
+    fp = None
+    record = {"model": a.model, "protocol": {
+        "eval": "WikiText-2 raw test, whole text tokenized once, non-overlapping windows of "
+                "2048 tokens from the start, remainder dropped, ppl = exp(mean token NLL)",
+        "seqlen": 2048, "dtype": "float32",
+        "calibration": f"{a.samples} random windows x {a.seqlen} tokens (seed {a.seed}) of the "
+                       f"named text's calibration split; {a.keep_rows} rows kept per Linear input "
+                       "for the alpha search"}, **stamp()}
+
+    def run(label, rec_spec, act, q, windows, data="wikitext2"):
+        nonlocal fp
+        m = copy.deepcopy(model)
+        calib_s = 0.0
+        stats = None
+        recipe = parse_recipe(rec_spec.format(act=act)) if rec_spec else []
+        if recipe or (isinstance(q, W8A8) and q.act == "tensor"):
+            stats, calib_s = stats_for(data)
+        t0 = time.perf_counter()
+        if recipe:
+            stats = mitigate(m, stats, recipe)
+        if q is not None:
+            quantize_(m, q, stats, progress=False)
+        prep_s = time.perf_counter() - t0
+        r = perplexity(m, ids, 2048, windows)
+        row = {"label": label, "act": act, "recipe": recipe_to_list(recipe), "calib_data": data
+               if stats is not None else None, "ppl": r.ppl, "windows": r.windows,
+               "calib_seconds": calib_s, "mitigate_quantize_seconds": prep_s,
+               "tokens_per_s": r.tokens_per_s,
+               "alphas": stats.meta.get("smoothquant_alpha") if stats is not None else None,
+               "split_intermediate_size": stats.meta.get("split_intermediate_size")
+               if stats is not None else None}
+        if label == "FP32" and windows == a.windows:
+            fp = r.ppl
+        print(f"{label:40s} {act:7s} ppl {r.ppl:.3f} ({r.windows} windows, "
+              f"{r.tokens_per_s:.0f} tok/s)", flush=True)
+        del m
+        return row
+
+    def save():
+        write_json(Path(a.out) / f"ppl_{name}.json", dict(record, rows=rows))
+        quick = [r for r in rows if r["windows"] == a.windows and r["calib_data"] in (None, "wikitext2")]
+        other = [r for r in rows if r not in quick]
+        md = [f"# Perplexity study: {a.model}", "",
+              f"{record['protocol']['eval']}. Quick table: first {a.windows} windows. "
+              f"Calibration: {record['protocol']['calibration']}. git {record['git_sha']}, "
+              f"torch {record['versions'].get('torch')}, transformers "
+              f"{record['versions'].get('transformers')}, {record['machine']}.", "",
+              _table(quick, fp)]
+        if other:
+            full_fp = next((r["ppl"] for r in other if r["label"] == "FP32"), None)
+            md += ["", "## All windows, and robustness (calibrated on tinyshakespeare)", "",
+                   _table(other, full_fp)]
+        write_text(Path(a.out) / f"ppl_{name}.md", "\n".join(md) + "\n")
+
+    only = set(a.only.split(",")) if a.only else None
+    for label, rec_spec, q in ROWS:
+        if only and label not in only:
+            continue
+        for act, qq in _quantizers(q):
+            rows.append(run(label, rec_spec, act, qq, a.windows))
+            save()
+    by_label = {(lbl, ): (spec, q) for lbl, spec, q in ROWS}
+    for item in filter(None, (a.robust or "").split(";")):
+        label, act = item.split("|")
+        spec, q = by_label[(label,)]
+        qq = dict(_quantizers(q))[act]
+        rows.append(run(label, spec, act, qq, a.windows, data="tinyshakespeare"))
+        save()
+    for item in filter(None, (a.full or "").split(";")):
+        label, act = item.split("|")
+        spec, q = by_label[(label,)]
+        qq = dict(_quantizers(q)).get(act)
+        rows.append(run(label, spec, act, qq, None))
+        save()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

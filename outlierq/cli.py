@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .errors import OutlierqError
 
+# Default mitigation: SmoothQuant with alpha searched per group for the chosen activation mode.
+DEFAULT_RECIPE = "smoothquant:alpha=search,act={act}"
+
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
@@ -44,7 +47,110 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
     p.add_argument("--out", default=None, help="JSON record (default results/ppl_cli_<model>.json)")
+
+    for cmd, fmt_help in (("quantize", "mitigate + W8A8-quantize + export a checkpoint"),
+                          ("export", "mitigate (+ quantize) and export a checkpoint")):
+        p = sub.add_parser(cmd, help=fmt_help)
+        _add_model(p)
+        _add_calib(p, "--calib-data")
+        p.add_argument("--recipe", default=DEFAULT_RECIPE,
+                       help="mitigations: .json/.yaml file or inline, e.g. "
+                            "'smoothquant:alpha=0.5+split' ('none' for no mitigation)")
+        p.add_argument("--act", choices=["token", "tensor"], default="token",
+                       help="int8 activations: per-token dynamic or per-tensor static")
+        p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
+        p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp"])
+        p.add_argument("--out", required=True, help="checkpoint directory")
+        p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("run", help="the whole pipeline on one model: calibrate, detect, mitigate, "
+                                   "quantize, export, and FP32 vs exported perplexity")
+    _add_model(p)
+    _add_calib(p, "--calib-data")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE)
+    p.add_argument("--act", choices=["token", "tensor"], default="token")
+    p.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
+    p.add_argument("--out", default="outlierq-out/smollm2-w8a8")
+    p.add_argument("--overwrite", action="store_true")
     return ap
+
+
+def _prepare(a):
+    """Load, calibrate (or read stats), mitigate, quantize: shared by quantize/export/run."""
+    from . import calibrate, data, load_model
+    from .calibrate import ActivationStats
+    from .mitigate.recipe import mitigate, parse_recipe
+    from .quantize import W8A8, quantize_
+
+    recipe = [] if a.recipe in ("", "none") else parse_recipe(a.recipe.format(act=a.act))
+    if a.stats:
+        stats = ActivationStats.load(a.stats)  # fail on a bad file before the slow model load
+    model, tok = load_model(a.model, a.dtype)
+    if a.stats:
+        stats.check_matches(model)
+    else:
+        data.check_seqlen(model, a.seqlen)
+        ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
+        wins = data.calib_windows(ids, a.samples, a.seqlen, a.seed)
+        stats = calibrate(model, wins, batch_size=a.batch_size, keep_rows=256, seed=a.seed,
+                          meta={"data": a.calib_data})
+    mitigated = mitigate(model, stats, recipe)
+    if getattr(a, "format", "compressed-tensors") == "compressed-tensors":
+        quantize_(model, W8A8(act=a.act), mitigated)
+    return model, tok, recipe, stats
+
+
+def _cmd_quantize(a) -> None:
+    from .export import export
+
+    _check_out(a.out, a.overwrite)
+    model, tok, recipe, stats = _prepare(a)
+    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite)
+    print(f"wrote {out} ({a.format}, {_size_mb(out):.1f} MB)")
+
+
+_cmd_export = _cmd_quantize
+
+
+def _cmd_run(a) -> None:
+    import copy
+
+    from . import data, load_model, perplexity
+    from .export import export, summarize
+    from .provenance import stamp, write_json
+
+    _check_out(a.out, a.overwrite)
+    a.format, a.stats = "compressed-tensors", None
+    fp_model, tok = load_model(a.model, a.dtype)
+    ids = data.tokenize(tok, data.read_text("wikitext2", "eval"))
+    fp = perplexity(fp_model, ids, 2048, a.windows)
+    del fp_model
+    model, tok, recipe, stats = _prepare(a)
+    top = summarize(stats, top=3)
+    for kind, rows in top.items():
+        for r in rows:
+            print(f"outlier  {kind:13s} {r['layer']:32s} channel {r['channel']:5d}  "
+                  f"max|x| {r['absmax']:9.1f}  ({r['absmax'] / max(r['median_channel_absmax'], 1e-9):.0f}x median)")
+    out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite)
+    del model
+    qmodel, _ = load_model(str(out))
+    q = perplexity(qmodel, ids, 2048, a.windows)
+    rec = {"model": a.model, "recipe": a.recipe, "act": a.act, "export": str(out),
+           "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
+    write_json(Path(a.out).with_suffix(".json"), rec)
+    print(f"FP32 ppl {fp.ppl:.3f} | exported W8A8 ({a.act}) ppl {q.ppl:.3f} "
+          f"({100 * (q.ppl / fp.ppl - 1):+.2f}%) on the first {fp.windows} WikiText-2 test "
+          f"windows of 2048 tokens; checkpoint {out} ({_size_mb(out):.0f} MB)")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise OutlierqError(f"{p} exists and is not empty; pass --overwrite to replace it")
+
+
+def _size_mb(d: Path) -> float:
+    return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file()) / 1e6
 
 
 def _cmd_calibrate(a) -> None:

@@ -133,6 +133,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
             raise OutlierqError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     path = resolve_model_path(spec)
+    if (Path(path) / "outlierq.json").exists():  # an outlierq export: verified, real int8
+        from ..export import load
+        model, tok = load(path, device)
+        model.outlierq_source = spec
+        return model, tok
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

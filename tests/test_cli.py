@@ -1,0 +1,87 @@
+"""Bad input: one line naming the problem, exit code 2, no traceback, nothing written."""
+import subprocess
+import sys
+
+import pytest
+
+from outlierq.cli import main
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer  # noqa: F401  (a real tokenizer is not needed here)
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("LlamaForCausalLM").save_pretrained(d)
+    return d
+
+
+def _err(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["ppl", "--model", "no-such-model"], "unknown model"),
+    (["ppl", "--model", "./missing.gguf"], "not found"),
+    (["calibrate", "--model", "./missing_dir/"], "unknown model"),
+])
+def test_bad_model(capsys, argv, msg, tmp_path):
+    rc, err = _err(capsys, argv + ["--out", str(tmp_path / "o")] if argv[0] == "calibrate" else argv)
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_gguf_and_bad_dir(capsys, tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"PK\x03\x04 definitely not gguf")
+    rc, err = _err(capsys, ["ppl", "--model", str(f)])
+    assert rc == 2 and "not a GGUF file" in err
+    d = tmp_path / "empty"
+    d.mkdir()
+    rc, err = _err(capsys, ["ppl", "--model", str(d)])
+    assert rc == 2 and "no config.json" in err
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    rc, err = _err(capsys, ["ppl", "--model", str(tmp_path)])
+    assert rc == 2 and "unsupported architecture 'GPT2LMHeadModel'" in err
+
+
+@pytest.mark.parametrize("content, msg", [(b"", "empty"), (b"\x00\x01\x02binary", "binary"),
+                                          (b"\xff\xfe\xfa bad utf8", "not UTF-8")])
+def test_bad_data_file(capsys, tmp_path, content, msg):
+    from outlierq.data import read_text
+    from outlierq.errors import OutlierqError
+    f = tmp_path / "d.txt"
+    f.write_bytes(content)
+    with pytest.raises(OutlierqError, match=msg):
+        read_text(str(f))
+
+
+def test_stats_mismatch_and_missing(capsys, tmp_path):
+    rc, err = _err(capsys, ["quantize", "--stats", str(tmp_path / "nope.safetensors"),
+                            "--out", str(tmp_path / "q")])
+    assert rc == 2 and "not found" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_no_traceback_from_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "outlierq", "ppl", "--model", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("outlierq: error:") and "Traceback" not in r.stderr
+
+
+def test_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import outlierq, torch\n"
+            "from outlierq import ops\n"
+            "assert not ops.triton_available()\n"
+            "ops.channel_stats(torch.ones(3, 4))\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

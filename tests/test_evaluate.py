@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import torch
+
+from outlierq import perplexity
+from outlierq.data import calib_windows, eval_windows
+from outlierq.errors import OutlierqError
+from conftest import tiny_model
+
+
+def test_ppl_equals_reference_loop():
+    model = tiny_model("LlamaForCausalLM")
+    ids = torch.randint(0, 128, (32 * 5 + 7,), generator=torch.Generator().manual_seed(0))
+    r = perplexity(model, ids, seqlen=32, progress=False)
+    losses = []  # transformers' own shifted loss, window by window
+    with torch.no_grad():
+        for i in range(5):
+            w = ids[i * 32:(i + 1) * 32][None]
+            losses.append(model(input_ids=w, labels=w).loss.item())
+    assert r.windows == 5 and r.tokens == 160
+    assert r.ppl == pytest.approx(math.exp(sum(losses) / 5), rel=1e-6)
+    assert perplexity(model, ids, 32, windows=2, progress=False).windows == 2
+
+
+def test_windows_and_errors():
+    ids = torch.arange(100)
+    assert eval_windows(ids, 30).shape == (3, 30)
+    with pytest.raises(OutlierqError, match="fewer than one window"):
+        eval_windows(ids, 200)
+    w = calib_windows(ids, 3, 20, seed=0)
+    assert torch.equal(w, calib_windows(ids, 3, 20, seed=0))
+    with pytest.raises(OutlierqError, match="fewer than"):
+        calib_windows(ids, 10, 20)
+    with pytest.raises(OutlierqError, match="exceeds the model's context"):
+        perplexity(tiny_model("LlamaForCausalLM"), torch.arange(1000) % 128, seqlen=512)

@@ -1,0 +1,93 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from outlierq import calibrate
+from outlierq.errors import OutlierqError
+from outlierq.export import export, load
+from outlierq.mitigate.recipe import mitigate
+from outlierq.mitigate.smoothquant import SmoothQuant
+from outlierq.mitigate.split import ChannelSplit
+from outlierq.quantize import W8A8, quantize_
+from conftest import tiny_model, token_batch
+
+
+def _quantized(family, act, split=False):
+    model = tiny_model(family, outliers=True)
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    recipe = [SmoothQuant(0.5)] + ([ChannelSplit(0.1, 2.0)] if split else [])
+    stats = mitigate(model, stats, recipe)
+    return quantize_(model, W8A8(act=act), stats, progress=False), x, recipe, stats
+
+
+@pytest.mark.parametrize("act", ["token", "tensor"])
+def test_roundtrip_every_family(family, act, tmp_path):
+    q, x, recipe, stats = _quantized(family, act, split=True)
+    out = export(q, tmp_path / "ckpt", recipe=recipe, stats=stats)
+    ref = q(input_ids=x).logits
+    back, _ = load(out)
+    assert torch.equal(back(input_ids=x).logits, ref)  # same int8 codes and scales: bit-exact
+
+    from compressed_tensors.quantization import QuantizationConfig
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)  # the package's own schema accepts it
+    g = parsed.config_groups["group_0"]
+    assert g.weights.strategy == "channel" and g.input_activations.dynamic == (act == "token")
+    assert parsed.ignore == ["lm_head"] and parsed.quantization_status == "compressed"
+
+
+@pytest.mark.parametrize("act, tol", [("tensor", 0.02), ("token", 0.15)])
+def test_transformers_loads_it(act, tol, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    q, x, recipe, stats = _quantized("LlamaForCausalLM", act)
+    out = export(q, tmp_path / "ckpt", recipe=recipe, stats=stats)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ref = q(input_ids=x).logits
+    got = hf(input_ids=x).logits
+    # transformers' compressed-tensors path re-quantizes activations itself (dynamic: absmax/127.5,
+    # range -128..127) so logits agree to int8 noise; weights decode exactly.
+    assert ((got - ref).norm() / ref.norm()).item() < tol
+    torch.testing.assert_close(hf.model.layers[0].mlp.down_proj.weight,
+                               q.model.layers[0].mlp.down_proj.dequantized_weight())
+
+
+def test_fp_format_and_sharding(tmp_path):
+    model = tiny_model("Gemma3ForCausalLM", outliers=True)
+    x = token_batch(2, 16)
+    stats = mitigate(model, calibrate(model, x, progress=False), [SmoothQuant(0.5)])
+    out = export(model, tmp_path / "fp", fmt="fp", stats=stats, max_shard_bytes=20_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert (out / "model.safetensors.index.json").exists()
+    back, _ = load(out)
+    torch.testing.assert_close(back(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_tamper_overwrite_and_interrupt(tmp_path, monkeypatch):
+    q, x, recipe, stats = _quantized("LlamaForCausalLM", "token")
+    out = export(q, tmp_path / "ckpt")
+    with pytest.raises(OutlierqError, match="not empty"):
+        export(q, out)
+    st = out / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[:-10])
+    with pytest.raises(OutlierqError, match="model.safetensors fails its checksum"):
+        load(out)
+    st.write_bytes(data)
+    load(out)
+
+    import outlierq.export as ex
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ex, "_write_shards", boom)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        export(q, out, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        export(q, tmp_path / "new")
+    assert sorted(p.name for p in out.iterdir()) == before  # old target untouched
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind

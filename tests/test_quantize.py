@@ -1,0 +1,62 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from outlierq import calibrate
+from outlierq.errors import OutlierqError
+from outlierq.quantize import Int8Linear, W8A8, quantize_
+from conftest import tiny_model, token_batch
+
+
+def _sqnr_db(ref, out):
+    return 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("act", ["token", "tensor"])
+def test_int8_linear_matches_fake_quant_oracle(act):
+    torch.manual_seed(0)
+    lin = nn.Linear(123, 77)
+    x = torch.randn(5, 31, 123)
+    scale = x.abs().max().item() / 127
+    real = Int8Linear.from_linear(lin, act, scale)
+    fake = Int8Linear.from_linear(lin, act, scale, fake=True)
+    y, yf = real(x), fake(x)
+    torch.testing.assert_close(y, yf, rtol=1e-4, atol=1e-4)
+    assert _sqnr_db(lin(x), y) > 30  # int8 both sides on Gaussian data: ~35-40 dB
+
+
+def test_weight_codes_and_scales():
+    lin = nn.Linear(16, 4, bias=False)
+    m = Int8Linear.from_linear(lin)
+    w = lin.weight.detach()
+    assert m.weight.dtype == torch.int8 and m.weight.abs().max() == 127
+    torch.testing.assert_close(m.weight_scale, w.abs().amax(1) / 127)
+    assert (m.dequantized_weight() - w).abs().max() <= m.weight_scale.max() / 2 + 1e-7
+
+
+def test_quantize_model_keeps_lm_head_and_needs_stats_for_static():
+    model = tiny_model("LlamaForCausalLM")
+    q = quantize_(copy.deepcopy(model), W8A8(), progress=False)
+    kinds = {n: type(m).__name__ for n, m in q.named_modules() if n.endswith(("proj", "lm_head"))}
+    assert kinds["lm_head"] == "Linear" and kinds["model.layers.0.mlp.down_proj"] == "Int8Linear"
+    with pytest.raises(OutlierqError, match="statistics"):
+        quantize_(copy.deepcopy(model), W8A8(act="tensor"), progress=False)
+    x = token_batch(2, 16)
+    ref = model(input_ids=x).logits
+    out = q(input_ids=x).logits
+    assert _sqnr_db(ref, out) > 20
+    q2 = q.to(torch.float32)  # moving never re-quantizes
+    assert q2.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+
+
+def test_static_model_runs_with_calibrated_scales():
+    model = tiny_model("MistralForCausalLM")
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    q = quantize_(copy.deepcopy(model), W8A8(act="tensor"), stats, progress=False)
+    m = q.model.layers[0].self_attn.q_proj
+    want = stats.inputs["model.layers.0.self_attn.q_proj"].absmax.max() / 127
+    torch.testing.assert_close(m.input_scale, want.reshape(1))
+    assert _sqnr_db(model(input_ids=x).logits, q(input_ids=x).logits) > 15

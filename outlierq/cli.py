@@ -72,7 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
     p.add_argument("--out", default="outlierq-out/smollm2-w8a8")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("kernels", help="op backends vs naive torch eager: time, GB/s, % of peak")
+    b.add_argument("--ops", default="channel_stats,quant_token,quant_tensor")
+    b.add_argument("--shapes", default="2048x576,8192x4096,16384x8192")
+    b.add_argument("--dtypes", default="fp32,bf16")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    b.add_argument("--out", default="results/kernels")
     return ap
+
+
+def _cmd_bench(a) -> None:
+    from .bench import bench_kernels
+
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
+        assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+    except (ValueError, AssertionError):
+        raise OutlierqError(f"--shapes {a.shapes!r}: write MxN pairs, e.g. 2048x576,8192x4096") from None
+    for d in a.dtypes.split(","):
+        if d not in ("fp32", "bf16", "fp16"):
+            raise OutlierqError(f"unknown dtype {d!r} in --dtypes; use fp32, bf16, fp16")
+    bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget)
 
 
 def _prepare(a):

@@ -44,7 +44,7 @@ def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, clamp: floa
 
 
 def _fake_q_rows(x: torch.Tensor) -> torch.Tensor:
-    q, s, _ = ops.quantize_per_token(x, backend="torch")
+    q, s, _ = ops.quantize_per_token(x)
     return q.float() * s[:, None]
 
 
@@ -57,7 +57,7 @@ def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, act: 
         xq = _fake_q_rows(xs)
     else:
         scale = (x_max / s).max() / 127.0
-        xq = ops.quantize_per_tensor(xs, scale.reshape(1), backend="torch").float() * scale
+        xq = ops.quantize_per_tensor(xs, scale.reshape(1)).float() * scale
     num = den = 0.0
     for w in ws:
         ref = x @ w.float().t()

@@ -1,0 +1,97 @@
+"""Fused int8 activation quantization. Tensors in, tensors out; no policy.
+
+Per token (dynamic): one read of each row (the whole row is held in registers), optional
+per-channel smoothing (x * inv_smooth), absmax -> scale = absmax/127 -> codes rounded half to even,
+and optionally the per-channel absmax of the same (smoothed) input, merged with one atomic per
+column per program. Per tensor (static): codes = round(x * inv_scale).
+
+Rounding: `libdevice.rint` does not run in the Triton interpreter, so ties go to even with the
+fp32 magic-number trick: (v + 1.5 * 2^23) - 1.5 * 2^23 is exact round-half-even for |v| < 2^22."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _round_half_even(v):
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, col_ptr, M, N, stride_m,
+                        rows_per_prog, HAS_SMOOTH: tl.constexpr, WANT_COL: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_SMOOTH:
+        inv_s = tl.load(inv_smooth_ptr + cols, mask=cmask, other=1.0)
+    cmax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row0 = pid * rows_per_prog
+    for r in range(row0, tl.minimum(row0 + rows_per_prog, M)):
+        x = tl.load(x_ptr + r * stride_m + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * inv_s
+        a = tl.abs(x)
+        if WANT_COL:
+            cmax = tl.maximum(cmax, a)
+        amax = tl.maximum(tl.max(a, axis=0), 1e-12)
+        tl.store(scale_ptr + r, amax / 127.0)
+        inv = (1.0 / amax) * 127.0
+        q = _round_half_even(x * inv)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(q_ptr + r * N + cols, q.to(tl.int8), mask=cmask)
+    if WANT_COL:
+        tl.atomic_max(col_ptr + cols, cmax, mask=cmask)
+
+
+@triton.jit
+def _quant_tensor_kernel(x_ptr, inv_smooth_ptr, inv_scale_ptr, q_ptr, M, N, stride_m,
+                         HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + cols, mask=cols < N, other=1.0)[None, :]
+    q = _round_half_even(x * tl.load(inv_scale_ptr))
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * N + cols[None, :], q.to(tl.int8), mask=mask)
+
+
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
+                       want_col_absmax: bool = False, rows_per_prog: int = 4):
+    """x [M, K] -> (int8 codes [M, K], f32 scales [M], f32 col_absmax [K] or None)."""
+    m, n = x.shape
+    dev = x.device
+    q = torch.empty(m, n, dtype=torch.int8, device=dev)
+    scales = torch.empty(m, dtype=torch.float32, device=dev)
+    col = torch.zeros(n, dtype=torch.float32, device=dev) if want_col_absmax else None
+    if m == 0:
+        return q, scales, col
+    inv_s = smooth.float().reciprocal().contiguous() if smooth is not None else scales
+    grid = (triton.cdiv(m, rows_per_prog),)
+    _quant_token_kernel[grid](x, inv_s, q, scales, col if col is not None else scales, m, n,
+                              x.stride(0), rows_per_prog, HAS_SMOOTH=smooth is not None,
+                              WANT_COL=want_col_absmax, BLOCK_N=triton.next_power_of_2(n),
+                              num_warps=8 if n >= 4096 else 4)
+    return q, scales, col
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None,
+                        block_m: int = 32, block_n: int = 128) -> torch.Tensor:
+    """Static per-tensor int8: codes = round(x / smooth * (1 / scale)), clamped to [-127, 127]."""
+    m, n = x.shape
+    q = torch.empty(m, n, dtype=torch.int8, device=x.device)
+    if m == 0:
+        return q
+    inv = scale.float().clamp(min=1e-12).reciprocal().reshape(1).to(x.device)
+    inv_s = smooth.float().reciprocal().contiguous() if smooth is not None else inv
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _quant_tensor_kernel[grid](x, inv_s, inv, q, m, n, x.stride(0), HAS_SMOOTH=smooth is not None,
+                               BLOCK_M=block_m, BLOCK_N=block_n)
+    return q

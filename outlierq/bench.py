@@ -1,0 +1,141 @@
+"""`outlierq bench kernels`: time each op's backends against naive torch eager on one device.
+
+Bytes moved (the formula behind GB/s): channel_stats reads M*N*elem; quant_token reads M*N*elem and
+writes M*N int8 codes + 4*M scale bytes; quant_tensor reads M*N*elem and writes M*N. Peak bandwidth
+is measured here with a large device copy (read + write counted); known GPUs also get the spec."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import ops
+from .errors import OutlierqError
+from .ops import torch_ops
+from .provenance import atomic_path, stamp
+
+OPS = ("channel_stats", "quant_token", "quant_tensor")
+SPEC_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_THR = (6.0,)
+
+
+def _eager(op: str) -> Callable:
+    """The naive torch baselines: what a user writes without outlierq."""
+    def channel_stats(x, thr):
+        a = x.abs().float()
+        return a.amax(0), a.sum(0), torch.stack([(a > t).sum(0) for t in thr]), a.amax(1)
+
+    def quant_token(x, _):
+        xf = x.float()
+        amax = xf.abs().amax(1, keepdim=True).clamp(min=1e-12)
+        return (xf * (127.0 / amax)).round().clamp(-127, 127).to(torch.int8), amax / 127
+
+    def quant_tensor(x, scale):
+        return (x.float() * (1.0 / scale)).round().clamp(-127, 127).to(torch.int8)
+
+    return {"channel_stats": channel_stats, "quant_token": quant_token,
+            "quant_tensor": quant_tensor}[op]
+
+
+def _impl(op: str, backend: str) -> Callable:
+    if backend == "eager":
+        return _eager(op)
+    if op == "channel_stats":
+        return lambda x, a: ops.channel_stats(x, _THR, backend=backend)
+    if op == "quant_token":
+        return lambda x, a: ops.quantize_per_token(x, backend=backend)
+    return lambda x, a: ops.quantize_per_tensor(x, a, backend=backend)
+
+
+def _bytes(op: str, m: int, n: int, elem: int) -> int:
+    return {"channel_stats": m * n * elem, "quant_token": m * n * elem + m * n + 4 * m,
+            "quant_tensor": m * n * elem + m * n}[op]
+
+
+def _time(fn: Callable, device: str, budget_s: float, min_reps: int = 5) -> list[float]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measured_peak_gbps(device: str) -> float:
+    """Copy bandwidth of a 256 MiB buffer (bytes read + written), median of repeats."""
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = statistics.median(_time(lambda: dst.copy_(src), device, 1.0))
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def _pct(v: list[float], q: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
+                  out_dir: str | Path, budget_s: float = 1.0) -> list[dict]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OutlierqError("--device cuda but no GPU is visible; use --device cpu")
+    for o in ops_:
+        if o not in OPS:
+            raise OutlierqError(f"unknown op {o!r}; choose from {', '.join(OPS)}")
+    backends = ["eager", "torch"] + (["triton"] if device == "cuda" or
+                                     os.environ.get("TRITON_INTERPRET") == "1" else [])
+    peak = measured_peak_gbps(device)
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    spec = next((v for k, v in SPEC_GBPS.items() if k in dev_name), None)
+    prov = stamp()
+    rows = []
+    for (m, n) in shapes:
+        for dt in dtypes:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(m, n, generator=g, device=device).to(_DT[dt])
+            arg = torch.tensor([x.abs().max().item() / 127], device=device)
+            for op in ops_:
+                base = None
+                for be in backends:
+                    fn = _impl(op, be)
+                    t = _time(lambda: fn(x, arg), device, budget_s)
+                    p50 = statistics.median(t)
+                    nbytes = _bytes(op, m, n, x.element_size())
+                    gbps = nbytes / p50 / 1e9
+                    base = p50 if be == "eager" else base
+                    rows.append({"op": op, "backend": be, "M": m, "N": n, "dtype": dt,
+                                 "p50_ms": p50 * 1e3, "p20_ms": _pct(t, 0.2) * 1e3,
+                                 "p80_ms": _pct(t, 0.8) * 1e3, "reps": len(t), "bytes": nbytes,
+                                 "GBps": gbps, "pct_measured_peak": 100 * gbps / peak,
+                                 "pct_spec_peak": 100 * gbps / spec if spec else "",
+                                 "speedup_vs_eager": base / p50, "measured_peak_GBps": peak,
+                                 "device": dev_name, "torch": prov["versions"].get("torch"),
+                                 "triton": prov["versions"].get("triton", ""),
+                                 "git_sha": prov["git_sha"], "timestamp": prov["timestamp"],
+                                 "torch_threads": torch.get_num_threads()})
+                    print(f"{op:14s} {be:7s} {m:6d}x{n:<6d} {dt:5s} p50 {p50 * 1e3:9.3f} ms "
+                          f"{gbps:8.1f} GB/s {100 * gbps / peak:5.1f}% of measured peak "
+                          f"{base / p50:6.2f}x eager", flush=True)
+            del x
+    out = Path(out_dir) / f"kernels_{device}.csv"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(out) as tmp:
+        tmp.write_text(buf.getvalue())
+    print(f"measured peak {peak:.1f} GB/s (copy){'; spec ' + str(spec) + ' GB/s' if spec else ''}; "
+          f"wrote {out}")
+    return rows

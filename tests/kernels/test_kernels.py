@@ -1,0 +1,68 @@
+"""Triton kernels against their torch twins, under TRITON_INTERPRET=1 on CPU (small shapes: the
+interpreter costs ~0.5 s per launch at 2048x576) or on CUDA when present."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from outlierq import ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+SHAPES = [(1, 1), (77, 123), (64, 128), (256, 576), (33, 1000)]
+DTYPES = [(torch.float32, 2e-6), (torch.bfloat16, 2e-3), (torch.float16, 2e-3)]
+
+
+def _x(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    x[:, : max(1, shape[1] // 50)] *= 40  # outlier channels
+    if shape[0] > 2:
+        x[1] = 0.0
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_channel_stats(shape, dtype, tol):
+    x = _x(shape, dtype)
+    thr = (6.0, 100.0)
+    k = ops.channel_stats(x, thr, backend="triton")
+    t = ops.channel_stats(x, thr, backend="torch")
+    assert torch.equal(k.col_absmax, t.col_absmax)
+    assert torch.equal(k.row_absmax, t.row_absmax)
+    assert torch.equal(k.col_count, t.col_count)
+    torch.testing.assert_close(k.col_abssum, t.col_abssum, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quantize_per_token(shape, dtype, tol, smooth):
+    x = _x(shape, dtype, seed=1)
+    sm = (torch.rand(shape[1], generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE) if smooth else None
+    qk, sk, ck = ops.quantize_per_token(x, sm, want_col_absmax=True, backend="triton")
+    qt, st, ct = ops.quantize_per_token(x, sm, want_col_absmax=True, backend="torch")
+    assert torch.equal(sk, st) and torch.equal(ck, ct)  # absmax and scales exact
+    diff = (qk.int() - qt.int()).abs()
+    assert diff.max() <= 1  # only exact .5 ties may round differently
+    assert diff.float().mean() <= (1e-3 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_per_tensor(shape):
+    x = _x(shape, torch.float32, seed=2)
+    scale = torch.tensor([x.abs().max().item() / 127 / 4], device=DEVICE)  # clamps happen too
+    qk = ops.quantize_per_tensor(x, scale, backend="triton")
+    qt = ops.quantize_per_tensor(x, scale, backend="torch")
+    assert torch.equal(qk, qt)
+
+
+def test_round_half_even_in_kernel():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]], device=DEVICE)
+    q, s, _ = ops.quantize_per_token(x, backend="triton")
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]

@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outlierq-out/smollm2-w8a8")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("report", help="outlier analysis: HTML page, PNG figures, JSON numbers")
+    _add_model(p)
+    _add_calib(p)
+    p.set_defaults(samples=64)
+    p.add_argument("--recipe", default=None, help="also show the model after this mitigation")
+    p.add_argument("--stats", default=None, help="stats file with kept rows (--keep-rows)")
+    p.add_argument("--out", default="outlierq-out/report")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("kernels", help="op backends vs naive torch eager: time, GB/s, % of peak")
@@ -83,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     b.add_argument("--out", default="results/kernels")
     return ap
+
+
+def _cmd_report(a) -> None:
+    from . import data, load_model
+    from .calibrate import ActivationStats
+    from .mitigate.recipe import parse_recipe
+    from .report import build_report
+
+    _check_out(a.out, a.overwrite)
+    recipe = parse_recipe(a.recipe) if a.recipe else None
+    stats = ActivationStats.load(a.stats) if a.stats else None
+    model, tok = load_model(a.model, a.dtype)
+    if stats is not None:
+        stats.check_matches(model)
+    data.check_seqlen(model, a.seqlen)
+    wins = data.calib_windows(data.tokenize(tok, data.read_text(a.calib_data, "calib")),
+                              a.samples, a.seqlen, a.seed)
+    out = build_report(model, wins, a.out, recipe, stats=stats, overwrite=True)
+    print(f"wrote {out}/index.html")
 
 
 def _cmd_bench(a) -> None:

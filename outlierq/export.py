@@ -34,20 +34,42 @@ DEFAULT_SHARD = 2 * 1024 ** 3
 
 
 def _quantization_config(model: nn.Module, ignore: list[str]) -> dict[str, Any]:
+    """One config group per activation mode. A single mode targets the class "Linear" (the
+    common layout); mixed modes target Linears by their name's last component, one regex each."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    acts = {m.act for m in model.modules() if isinstance(m, Int8Linear)}
-    if len(acts) != 1 or "none" in acts:
-        raise OutlierqError("compressed-tensors export needs one W8A8 activation mode on every "
-                            f"quantized Linear; found {sorted(acts) or 'none quantized'}")
-    act = acts.pop()
-    w = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
-    a = QuantizationArgs(num_bits=8, type="int", symmetric=True,
-                         strategy="token" if act == "token" else "tensor", dynamic=act == "token")
-    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=["Linear"], weights=w, input_activations=a)}, format="int-quantized",
-        quantization_status="compressed", ignore=ignore)
+    by_act: dict[str, set[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            by_act.setdefault(m.act, set()).add(name.rpartition(".")[2])
+    if not by_act or "none" in by_act:
+        raise OutlierqError("compressed-tensors export needs W8A8 (int8 activations) on every "
+                            "quantized Linear; weight-only int8 has no W8A8 layout here")
+    groups = {}
+    for i, (act, kinds) in enumerate(sorted(by_act.items())):
+        w = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel",
+                             dynamic=False)
+        a = QuantizationArgs(num_bits=8, type="int", symmetric=True,
+                             strategy="token" if act == "token" else "tensor",
+                             dynamic=act == "token")
+        targets = ["Linear"] if len(by_act) == 1 else [f"re:.*\\.{k}$" for k in sorted(kinds)]
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=w, input_activations=a)
+    qc = QuantizationConfig(config_groups=groups, format="int-quantized",
+                            quantization_status="compressed", ignore=ignore)
     return qc.model_dump()
+
+
+def _act_for(name: str, qc: dict[str, Any]) -> str | None:
+    """The activation mode the checkpoint's config groups give Linear `name` (None: ignored)."""
+    import re
+
+    if name in set(qc.get("ignore") or []):
+        return None
+    for g in qc["config_groups"].values():
+        for t in g["targets"]:
+            if t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)) or t == name:
+                return "token" if g["input_activations"]["strategy"] == "token" else "tensor"
+    return None
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -179,14 +201,12 @@ def load(path: str | Path, device: str = "cpu"):
         return AutoModelForCausalLM.from_pretrained(d).eval().requires_grad_(False), tok
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     del cfg.quantization_config
-    group = qc["config_groups"]["group_0"]
-    act = "token" if group["input_activations"]["strategy"] == "token" else "tensor"
     # Built for real (not on the meta device) so non-persistent buffers such as rotary
     # frequencies are initialised; the weights are then replaced by the checkpoint's.
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32)
-    ignore = set(qc.get("ignore") or [])
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name not in ignore:
+        act = _act_for(name, qc) if isinstance(m, nn.Linear) else None
+        if act is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     Int8Linear(m.in_features, m.out_features, m.bias is not None, act))

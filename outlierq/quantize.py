@@ -28,6 +28,10 @@ class W8A8:
     skip: tuple[str, ...] = ("lm_head",)               # fnmatch patterns of Linears kept float
     fake: bool = False                                  # dequantize-and-matmul reference
     backend: str = "auto"
+    # with act="tensor": Linears (fnmatch patterns) that keep per-token dynamic activations. Static
+    # per-tensor scales cannot follow down_proj's token-to-token range (SwiGLU products), so
+    # ("*down_proj",) buys most of the accuracy back while everything else stays static.
+    token_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,11 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
         else:
+            act = "token" if config.token_for and _skipped(name, config.token_for) else config.act
             scale = None
-            if config.act == "tensor":
+            if act == "tensor":
                 scale = stats.input_absmax(name).max().item() / 127.0
-            new = Int8Linear.from_linear(lin, config.act, scale, config.fake, config.backend)
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

@@ -30,12 +30,16 @@ ROWS = [
     ("OCS split", "split:ratio=4", "both"),
     ("OCS split + SmoothQuant searched", "split:ratio=4+smoothquant:alpha=search,act={act}", "both"),
     ("LLM.int8 (bitsandbytes, t=6.0)", "", LLMInt8()),
+    ("SmoothQuant searched, down_proj per-token", "smoothquant:alpha=search,act=tensor",
+     W8A8(act="tensor", token_for=("*down_proj",))),
 ]
 
 
 def _quantizers(q):
     if q == "both":
         return [("token", W8A8(act="token")), ("tensor", W8A8(act="tensor"))]
+    if isinstance(q, W8A8) and q.token_for:
+        return [("tensor+token", q)]
     return [("token" if isinstance(q, W8A8) and q.act == "token" else
              ("-" if q is None else getattr(q, "act", "llm.int8")), q)]
 
@@ -58,11 +62,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--keep-rows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default=None, help="comma-separated row labels to run")
+    ap.add_argument("--only", default=None, help="semicolon-separated row labels to run")
     ap.add_argument("--full", default=None,
                     help="'label|act' rows to also evaluate on all windows, ';'-separated")
     ap.add_argument("--robust", default=None, help="'label|act' row recalibrated on tinyshakespeare")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in the results file (same protocol) and add these")
     a = ap.parse_args()
 
     model, tok = load_model(a.model)
@@ -80,6 +86,11 @@ def main() -> None:
 
     rows: list[dict] = []
     fp = None
+    old = Path(a.out) / f"ppl_{name}.json"
+    if a.append and old.exists():
+        import json
+        rows = json.loads(old.read_text())["rows"]
+        fp = next((r["ppl"] for r in rows if r["label"] == "FP32" and r["windows"] == a.windows), None)
     record = {"model": a.model, "protocol": {
         "eval": "WikiText-2 raw test, whole text tokenized once, non-overlapping windows of "
                 "2048 tokens from the start, remainder dropped, ppl = exp(mean token NLL)",
@@ -133,11 +144,14 @@ def main() -> None:
                    _table(other, full_fp)]
         write_text(Path(a.out) / f"ppl_{name}.md", "\n".join(md) + "\n")
 
-    only = set(a.only.split(",")) if a.only else None
+    only = set(a.only.split(";")) if a.only else None
     for label, rec_spec, q in ROWS:
         if only and label not in only:
             continue
         for act, qq in _quantizers(q):
+            rows[:] = [r for r in rows if not (r["label"] == label and r["act"] == act
+                                               and r["windows"] == a.windows
+                                               and r["calib_data"] in (None, "wikitext2"))]
             rows.append(run(label, rec_spec, act, qq, a.windows))
             save()
     by_label = {(lbl, ): (spec, q) for lbl, spec, q in ROWS}

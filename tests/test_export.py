@@ -91,3 +91,23 @@ def test_tamper_overwrite_and_interrupt(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == before  # old target untouched
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_mixed_static_and_dynamic_groups(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    q = quantize_(model, W8A8(act="tensor", token_for=("*down_proj",)), stats, progress=False)
+    assert q.model.layers[1].mlp.down_proj.act == "token"
+    assert q.model.layers[1].mlp.up_proj.act == "tensor"
+    out = export(q, tmp_path / "mixed")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    back, _ = load(out)
+    assert back.model.layers[1].mlp.down_proj.act == "token"
+    assert torch.equal(back(input_ids=x).logits, q(input_ids=x).logits)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ref = q(input_ids=x).logits
+    assert ((hf(input_ids=x).logits - ref).norm() / ref.norm()).item() < 0.15

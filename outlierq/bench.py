@@ -17,7 +17,6 @@ import torch
 
 from . import ops
 from .errors import OutlierqError
-from .ops import torch_ops
 from .provenance import atomic_path, stamp
 
 OPS = ("channel_stats", "quant_token", "quant_tensor")
@@ -128,7 +127,6 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                     print(f"{op:14s} {be:7s} {m:6d}x{n:<6d} {dt:5s} p50 {p50 * 1e3:9.3f} ms "
                           f"{gbps:8.1f} GB/s {100 * gbps / peak:5.1f}% of measured peak "
                           f"{base / p50:6.2f}x eager", flush=True)
-            del x
     out = Path(out_dir) / f"kernels_{device}.csv"
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -4,7 +4,6 @@ Bad input raises OutlierqError, printed as one line; exit code 2, nothing writte
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -165,7 +164,6 @@ _cmd_export = _cmd_quantize
 
 
 def _cmd_run(a) -> None:
-    import copy
 
     from . import data, load_model, perplexity
     from .export import export, summarize

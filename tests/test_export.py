@@ -1,4 +1,3 @@
-import copy
 import json
 
 import pytest
@@ -79,7 +78,9 @@ def test_tamper_overwrite_and_interrupt(tmp_path, monkeypatch):
     st.write_bytes(data)
     load(out)
 
-    import outlierq.export as ex
+    import sys
+    ex = sys.modules["outlierq.export"]  # the package attribute `export` is the function
+
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(ex, "_write_shards", boom)

@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                             "'smoothquant:alpha=0.5+split' ('none' for no mitigation)")
         p.add_argument("--act", choices=["token", "tensor"], default="token",
                        help="int8 activations: per-token dynamic or per-tensor static")
+        p.add_argument("--token-for", default="",
+                       help="with --act tensor: comma-separated Linear names kept per-token "
+                            "dynamic, e.g. down_proj")
         p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
         p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp"])
         p.add_argument("--out", required=True, help="checkpoint directory")
@@ -69,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
     p.add_argument("--act", choices=["token", "tensor"], default="token")
     p.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
-    p.add_argument("--out", default="outlierq-out/smollm2-w8a8")
+    p.add_argument("--out", default=None, help="default outlierq-out/<model>-w8a8-<act>")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("report", help="outlier analysis: HTML page, PNG figures, JSON numbers")
@@ -147,7 +150,8 @@ def _prepare(a):
                           meta={"data": a.calib_data})
     mitigated = mitigate(model, stats, recipe)
     if getattr(a, "format", "compressed-tensors") == "compressed-tensors":
-        quantize_(model, W8A8(act=a.act), mitigated)
+        token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
+        quantize_(model, W8A8(act=a.act, token_for=token_for), mitigated)
     return model, tok, recipe, stats
 
 
@@ -164,11 +168,11 @@ _cmd_export = _cmd_quantize
 
 
 def _cmd_run(a) -> None:
-
     from . import data, load_model, perplexity
     from .export import export, summarize
     from .provenance import stamp, write_json
 
+    a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
     _check_out(a.out, a.overwrite)
     a.format, a.stats = "compressed-tensors", None
     fp_model, tok = load_model(a.model, a.dtype)
@@ -187,7 +191,7 @@ def _cmd_run(a) -> None:
     q = perplexity(qmodel, ids, 2048, a.windows)
     rec = {"model": a.model, "recipe": a.recipe, "act": a.act, "export": str(out),
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
-    write_json(Path(a.out).with_suffix(".json"), rec)
+    write_json(f"{a.out}.json", rec)
     print(f"FP32 ppl {fp.ppl:.3f} | exported W8A8 ({a.act}) ppl {q.ppl:.3f} "
           f"({100 * (q.ppl / fp.ppl - 1):+.2f}%) on the first {fp.windows} WikiText-2 test "
           f"windows of 2048 tokens; checkpoint {out} ({_size_mb(out):.0f} MB)")

@@ -29,8 +29,12 @@ ROWS = [
     ("SmoothQuant searched", "smoothquant:alpha=search,act={act}", "both"),
     ("OCS split", "split:ratio=4", "both"),
     ("OCS split + SmoothQuant searched", "split:ratio=4+smoothquant:alpha=search,act={act}", "both"),
+    ("OCS split + SmoothQuant a=0.5", "split:ratio=4+smoothquant:alpha=0.5", "both"),
+    ("OCS split + SmoothQuant a=0.8", "split:ratio=4+smoothquant:alpha=0.8", "both"),
     ("LLM.int8 (bitsandbytes, t=6.0)", "", LLMInt8()),
     ("SmoothQuant searched, down_proj per-token", "smoothquant:alpha=search,act=tensor",
+     W8A8(act="tensor", token_for=("*down_proj",))),
+    ("SmoothQuant a=0.8, down_proj per-token", "smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",))),
 ]
 

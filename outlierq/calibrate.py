@@ -254,6 +254,12 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
     rec = _Recorder(model, thresholds, keep_rows, math.ceil(keep_rows / n_batches) if keep_rows else 0,
                     backend, seed)
     device = next(model.parameters()).device
+    # Calibration never reads the logits, and with a large vocabulary the output head is most of
+    # the forward (Gemma-3: 262k x 640). Its hook still records its input; the matmul is replaced
+    # by a zero view (no memory) for the duration of the run.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        head.forward = lambda x: x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
     try:
         for b in tqdm(range(n_batches), desc="calibrate", unit="batch", disable=not progress):
             batch = windows[b * batch_size: (b + 1) * batch_size].to(device)
@@ -262,6 +268,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
             rec._last = None
     finally:
         rec.close()
+        if isinstance(head, nn.Linear):
+            del head.forward
     silent = [n for n in list(rec.inputs) + list(rec.residual) if not rec.fired.get(n)]
     if silent:
         raise OutlierqError(f"{len(silent)} calibration hooks never fired (e.g. {silent[0]!r}); "

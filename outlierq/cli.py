@@ -178,6 +178,10 @@ def _cmd_run(a) -> None:
     fp_model, tok = load_model(a.model, a.dtype)
     ids = data.tokenize(tok, data.read_text("wikitext2", "eval"))
     fp = perplexity(fp_model, ids, 2048, a.windows)
+    # What a float checkpoint of the same model holds (tied tensors once), for the size ratio.
+    fp_bytes = sum(t.numel() * t.element_size() for t in
+                   {t.data_ptr(): t for t in fp_model.state_dict().values()}.values())
+    fp_dtype = str(fp_model.dtype).removeprefix("torch.")
     del fp_model
     model, tok, recipe, stats = _prepare(a)
     top = summarize(stats, top=3)
@@ -189,12 +193,15 @@ def _cmd_run(a) -> None:
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
+    size = _size_mb(out)
     rec = {"model": a.model, "recipe": a.recipe, "act": a.act, "export": str(out),
+           "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)
     print(f"FP32 ppl {fp.ppl:.3f} | exported W8A8 ({a.act}) ppl {q.ppl:.3f} "
           f"({100 * (q.ppl / fp.ppl - 1):+.2f}%) on the first {fp.windows} WikiText-2 test "
-          f"windows of 2048 tokens; checkpoint {out} ({_size_mb(out):.0f} MB)")
+          f"windows of 2048 tokens; checkpoint {out} ({size:.0f} MB vs {fp_bytes / 1e6:.0f} MB "
+          f"in {fp_dtype})")
 
 
 def _check_out(out: str, overwrite: bool) -> None:

@@ -80,3 +80,15 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(OutlierqError, match="not an outlierq statistics file"):
         ActivationStats.load(tmp_path / "junk.safetensors")
+
+
+def test_head_skipped_during_calibration_and_restored():
+    model = tiny_model("LlamaForCausalLM")
+    batch = token_batch(2, 16)
+    with torch.no_grad():
+        before = model(input_ids=batch).logits
+    stats = calibrate(model, batch, progress=False)
+    assert "forward" not in vars(model.lm_head)  # the class forward is back
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch).logits, before)
+    assert stats.inputs["lm_head"].absmax.max() > 0

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from .errors import OutlierqError
 
-# Default mitigation: SmoothQuant with alpha searched per group for the chosen activation mode.
-DEFAULT_RECIPE = "smoothquant:alpha=search,act={act}"
+# Default mitigation: split the down_proj outlier channels, then SmoothQuant with alpha searched
+# per group for the chosen activation mode -- the best row of results/ppl_smollm2-135m.md for both
+# per-token and per-tensor activations.
+DEFAULT_RECIPE = "split:ratio=4+smoothquant:alpha=search,act={act}"
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

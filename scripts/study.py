@@ -16,7 +16,7 @@ import torch
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
-from outlierq.provenance import stamp, write_json, write_text
+from outlierq.provenance import git_sha, stamp, write_json, write_text
 from outlierq.quantize import LLMInt8, W8A8, quantize_
 
 # (label, recipe, quantizer). The recipe's alpha search scores for the same activation mode.
@@ -48,13 +48,15 @@ def _quantizers(q):
              ("-" if q is None else getattr(q, "act", "llm.int8")), q)]
 
 
-def _table(rows: list[dict], fp: float | None) -> str:
-    out = ["| configuration | activations | ppl | vs FP32 | windows | calib s | eval tokens/s |",
-           "|---|---|---|---|---|---|---|"]
+def _table(rows: list[dict], fp: dict[int, float]) -> str:
+    """Markdown table; each row compared with the FP32 row over the same number of windows."""
+    out = ["| configuration | activations | calibrated on | ppl | vs FP32 | windows | calib s | eval tokens/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        d = "—" if fp is None or r["label"] == "FP32" else f"{100 * (r['ppl'] / fp - 1):+.2f}%"
-        out.append(f"| {r['label']} | {r['act']} | {r['ppl']:.3f} | {d} | {r['windows']} | "
-                   f"{r['calib_seconds']:.0f} | {r['tokens_per_s']:.0f} |")
+        ref = fp.get(r["windows"])
+        d = "—" if ref is None or r["label"] == "FP32" else f"{100 * (r['ppl'] / ref - 1):+.2f}%"
+        out.append(f"| {r['label']} | {r['act']} | {r['calib_data'] or '-'} | {r['ppl']:.3f} | {d} | "
+                   f"{r['windows']} | {r['calib_seconds']:.0f} | {r['tokens_per_s']:.0f} |")
     return "\n".join(out)
 
 
@@ -73,10 +75,10 @@ def main() -> None:
     ap.add_argument("--out", default="results")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in the results file (same protocol) and add these")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     a = ap.parse_args()
+    a.append = a.append or a.render
 
-    model, tok = load_model(a.model)
-    ids = tokenize(tok, read_text("wikitext2", "eval"))
     name = Path(a.model).name
     stats_cache: dict[str, tuple] = {}
 
@@ -89,12 +91,10 @@ def main() -> None:
         return stats_cache[data]
 
     rows: list[dict] = []
-    fp = None
     old = Path(a.out) / f"ppl_{name}.json"
     if a.append and old.exists():
         import json
         rows = json.loads(old.read_text())["rows"]
-        fp = next((r["ppl"] for r in rows if r["label"] == "FP32" and r["windows"] == a.windows), None)
     record = {"model": a.model, "protocol": {
         "eval": "WikiText-2 raw test, whole text tokenized once, non-overlapping windows of "
                 "2048 tokens from the start, remainder dropped, ppl = exp(mean token NLL)",
@@ -104,7 +104,6 @@ def main() -> None:
                        "for the alpha search"}, **stamp()}
 
     def run(label, rec_spec, act, q, windows, data="wikitext2"):
-        nonlocal fp
         m = copy.deepcopy(model)
         calib_s = 0.0
         stats = None
@@ -121,12 +120,10 @@ def main() -> None:
         row = {"label": label, "act": act, "recipe": recipe_to_list(recipe), "calib_data": data
                if stats is not None else None, "ppl": r.ppl, "windows": r.windows,
                "calib_seconds": calib_s, "mitigate_quantize_seconds": prep_s,
-               "tokens_per_s": r.tokens_per_s,
+               "tokens_per_s": r.tokens_per_s, "git_sha": git_sha(),
                "alphas": stats.meta.get("smoothquant_alpha") if stats is not None else None,
                "split_intermediate_size": stats.meta.get("split_intermediate_size")
                if stats is not None else None}
-        if label == "FP32" and windows == a.windows:
-            fp = r.ppl
         print(f"{label:40s} {act:7s} ppl {r.ppl:.3f} ({r.windows} windows, "
               f"{r.tokens_per_s:.0f} tok/s)", flush=True)
         del m
@@ -136,18 +133,26 @@ def main() -> None:
         write_json(Path(a.out) / f"ppl_{name}.json", dict(record, rows=rows))
         quick = [r for r in rows if r["windows"] == a.windows and r["calib_data"] in (None, "wikitext2")]
         other = [r for r in rows if r not in quick]
+        fps = {r["windows"]: r["ppl"] for r in rows if r["label"] == "FP32"}
         md = [f"# Perplexity study: {a.model}", "",
               f"{record['protocol']['eval']}. Quick table: first {a.windows} windows. "
               f"Calibration: {record['protocol']['calibration']}. git {record['git_sha']}, "
               f"torch {record['versions'].get('torch')}, transformers "
-              f"{record['versions'].get('transformers')}, {record['machine']}.", "",
-              _table(quick, fp)]
+              f"{record['versions'].get('transformers')}, {record['machine']}. Eval tokens/s were "
+              "measured while other jobs shared the machine at times; scripts/throughput.py is the "
+              "controlled speed comparison.", "", _table(quick, fps)]
         if other:
-            full_fp = next((r["ppl"] for r in other if r["label"] == "FP32"), None)
-            md += ["", "## All windows, and robustness (calibrated on tinyshakespeare)", "",
-                   _table(other, full_fp)]
+            md += ["", "## All windows, and robustness (calibrated on tinyshakespeare, evaluated on "
+                   "WikiText-2 test)", "", _table(other, fps)]
         write_text(Path(a.out) / f"ppl_{name}.md", "\n".join(md) + "\n")
 
+    if a.render:  # keep the stamp of the run that wrote the rows
+        import json
+        record.update({k: v for k, v in json.loads(old.read_text()).items() if k != "rows"})
+        save()
+        return
+    model, tok = load_model(a.model)
+    ids = tokenize(tok, read_text("wikitext2", "eval"))
     only = set(a.only.split(";")) if a.only else None
     for label, rec_spec, q in ROWS:
         if only and label not in only:

@@ -48,7 +48,9 @@ def main() -> None:
            "tokens": int(wins.numel()), "repeats": a.repeats, "plain_forward_s": plain,
            "calibrate_s": calib, "median_plain_s": p, "median_calibrate_s": c,
            "overhead_ratio": c / p, "hooked_linears": len(stats.inputs),
-           "hooked_layers": len(stats.residual), "backend": "auto (torch twins on CPU)", **stamp()}
+           "hooked_layers": len(stats.residual), "backend": "auto (torch twins on CPU)",
+           "note": "plain forward computes the logits; calibrate skips the output head's matmul "
+                   "(it only records the head's input)", **stamp()}
     write_json(Path(a.out) / f"calibration_overhead_{Path(a.model).name}.json", res)
     print(f"plain {p:.1f} s, calibrate {c:.1f} s, overhead ratio {c / p:.3f} "
           f"({wins.numel()} tokens, median of {a.repeats})")

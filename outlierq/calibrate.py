@@ -258,7 +258,10 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
     # the forward (Gemma-3: 262k x 640). Its hook still records its input; the matmul is replaced
     # by a zero view (no memory) for the duration of the run.
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear):
+    if not isinstance(head, nn.Linear):
+        head = None
+    own_forward = vars(head).get("forward") if head is not None else None  # e.g. accelerate's wrapper
+    if head is not None:
         head.forward = lambda x: x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
     try:
         for b in tqdm(range(n_batches), desc="calibrate", unit="batch", disable=not progress):
@@ -268,7 +271,9 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
             rec._last = None
     finally:
         rec.close()
-        if isinstance(head, nn.Linear):
+        if own_forward is not None:
+            head.forward = own_forward
+        elif head is not None:
             del head.forward
     silent = [n for n in list(rec.inputs) + list(rec.residual) if not rec.fired.get(n)]
     if silent:

@@ -92,3 +92,13 @@ def test_head_skipped_during_calibration_and_restored():
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch).logits, before)
     assert stats.inputs["lm_head"].absmax.max() > 0
+
+
+def test_head_instance_forward_is_restored():
+    # accelerate's device-map hooks install an instance-level forward on modules; keep it
+    model = tiny_model("LlamaForCausalLM")
+    wrapped = model.lm_head.forward
+    model.lm_head.forward = lambda x: wrapped(x)
+    mine = model.lm_head.forward
+    calibrate(model, token_batch(2, 16), progress=False)
+    assert model.lm_head.forward is mine

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .calibrate import ActivationStats
+from .detect import detect
 from .errors import OutlierqError
 from .provenance import atomic_dir, stamp
 from .quantize import Int8Linear
@@ -154,6 +155,8 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
             info["calibration"] = {k: v for k, v in stats.meta.items()
                                    if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}
             info["stats_summary"] = summarize(stats)
+            # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
+            info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
         (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))

@@ -36,6 +36,9 @@ def test_roundtrip_every_family(family, act, tmp_path):
     g = parsed.config_groups["group_0"]
     assert g.weights.strategy == "channel" and g.input_activations.dynamic == (act == "token")
     assert parsed.ignore == ["lm_head"] and parsed.quantization_status == "compressed"
+    info = json.loads((out / "outlierq.json").read_text())
+    assert info["recipe"] and info["calibration"]["samples"] == x.shape[0]
+    assert info["outliers"]["recurring"]["residual"] is not None and info["stats_summary"]["residual"]
 
 
 @pytest.mark.parametrize("act, tol", [("tensor", 0.02), ("token", 0.15)])

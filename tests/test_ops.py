@@ -22,6 +22,21 @@ def test_channel_stats_matches_brute_force(shape, dtype):
         assert torch.equal(cs.col_count[i], (a > t).sum(0).int())
 
 
+def test_channel_stats_counts_at_and_around_thresholds():
+    # values exactly at a threshold are not above it; the next float up is; thresholds above every
+    # value count nothing; a NaN chunk still counts the finite values exactly
+    t = torch.tensor(6.0)
+    up, down = torch.nextafter(t, torch.tensor(7.0)).item(), torch.nextafter(t, torch.tensor(5.0)).item()
+    x = torch.zeros(3000, 5)
+    x[:, 0], x[:, 1], x[:, 2], x[:, 3] = 6.0, up, -up, down
+    x[7, 4] = float("nan")
+    x[8, 4] = 1e4
+    cs = ops.channel_stats(x, (6.0, 1e9, -1.0), backend="torch")
+    assert cs.col_count[0].tolist() == [0, 3000, 3000, 0, 1]
+    assert cs.col_count[1].tolist() == [0] * 5
+    assert cs.col_count[2].tolist() == [3000] * 4 + [2999]  # |NaN| > -1 is False
+
+
 def _ref_quant(x):
     amax = x.float().abs().amax(1).clamp(min=1e-12)
     return torch.round(x.float() * (amax.reciprocal() * 127)[:, None]).clamp(-127, 127).to(torch.int8), amax / 127

@@ -171,7 +171,7 @@ _cmd_export = _cmd_quantize
 
 def _cmd_run(a) -> None:
     from . import data, load_model, perplexity
-    from .export import export, summarize
+    from .export import export, state_bytes, summarize
     from .provenance import stamp, write_json
 
     a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
@@ -180,9 +180,7 @@ def _cmd_run(a) -> None:
     fp_model, tok = load_model(a.model, a.dtype)
     ids = data.tokenize(tok, data.read_text("wikitext2", "eval"))
     fp = perplexity(fp_model, ids, 2048, a.windows)
-    # What a float checkpoint of the same model holds (tied tensors once), for the size ratio.
-    fp_bytes = sum(t.numel() * t.element_size() for t in
-                   {t.data_ptr(): t for t in fp_model.state_dict().values()}.values())
+    fp_bytes = state_bytes(fp_model)  # the float checkpoint's size, for the ratio
     fp_dtype = str(fp_model.dtype).removeprefix("torch.")
     del fp_model
     model, tok, recipe, stats = _prepare(a)

@@ -163,6 +163,12 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
     return out
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes a checkpoint of `model`'s state holds, tied tensors counted once."""
+    return sum(t.numel() * t.element_size() for t in
+               {t.data_ptr(): t for t in model.state_dict().values()}.values())
+
+
 def summarize(stats: ActivationStats, top: int = 20) -> dict[str, Any]:
     """The largest activation channels (Linear inputs and residual stream), for humans."""
     def rows(table):

@@ -17,6 +17,7 @@ import torch
 import outlierq
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
+from outlierq.export import state_bytes
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import W8A8, quantize_
@@ -55,8 +56,7 @@ def main() -> None:
     ckpt = Path(a.ckpt or f"outlierq-out/{name}-w8a8-{a.act}")
 
     model, tok = load_model(a.model)
-    fp_bytes = sum(t.numel() * t.element_size() for t in
-                   {t.data_ptr(): t for t in model.state_dict().values()}.values())
+    fp_bytes = state_bytes(model)
     ids = tokenize(tok, read_text("wikitext2", "eval"))
     first = ids[:2048]
     fp = perplexity(model, ids, 2048, a.windows)

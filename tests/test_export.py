@@ -115,3 +115,13 @@ def test_mixed_static_and_dynamic_groups(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out)
     ref = q(input_ids=x).logits
     assert ((hf(input_ids=x).logits - ref).norm() / ref.norm()).item() < 0.15
+
+
+def test_state_bytes_counts_tied_tensors_once():
+    from outlierq.export import state_bytes
+
+    m = tiny_model("LlamaForCausalLM")
+    m.lm_head.weight = m.model.embed_tokens.weight  # tie
+    unique = {p.data_ptr(): p for p in m.parameters()}
+    assert state_bytes(m) == sum(p.numel() * 4 for p in unique.values()) + sum(
+        b.numel() * b.element_size() for n, b in m.named_buffers() if n in m.state_dict())

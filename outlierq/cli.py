@@ -158,12 +158,12 @@ def _prepare(a):
 
 
 def _cmd_quantize(a) -> None:
-    from .export import export
+    from .export import dir_mb, export
 
     _check_out(a.out, a.overwrite)
     model, tok, recipe, stats = _prepare(a)
     out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite)
-    print(f"wrote {out} ({a.format}, {_size_mb(out):.1f} MB)")
+    print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
 _cmd_export = _cmd_quantize
@@ -171,7 +171,7 @@ _cmd_export = _cmd_quantize
 
 def _cmd_run(a) -> None:
     from . import data, load_model, perplexity
-    from .export import export, state_bytes, summarize
+    from .export import dir_mb, export, state_bytes, summarize
     from .provenance import stamp, write_json
 
     a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
@@ -193,7 +193,7 @@ def _cmd_run(a) -> None:
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
-    size = _size_mb(out)
+    size = dir_mb(out)
     rec = {"model": a.model, "recipe": a.recipe, "act": a.act, "export": str(out),
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
@@ -208,10 +208,6 @@ def _check_out(out: str, overwrite: bool) -> None:
     p = Path(out)
     if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
         raise OutlierqError(f"{p} exists and is not empty; pass --overwrite to replace it")
-
-
-def _size_mb(d: Path) -> float:
-    return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file()) / 1e6
 
 
 def _cmd_calibrate(a) -> None:

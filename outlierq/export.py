@@ -169,6 +169,11 @@ def state_bytes(model: nn.Module) -> int:
                {t.data_ptr(): t for t in model.state_dict().values()}.values())
 
 
+def dir_mb(d: str | Path) -> float:
+    """Size of the files directly in checkpoint directory `d`, in MB."""
+    return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file()) / 1e6
+
+
 def summarize(stats: ActivationStats, top: int = 20) -> dict[str, Any]:
     """The largest activation channels (Linear inputs and residual stream), for humans."""
     def rows(table):

@@ -17,14 +17,10 @@ import torch
 import outlierq
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.export import state_bytes
+from outlierq.export import dir_mb, state_bytes
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import W8A8, quantize_
-
-
-def _dir_mb(d: Path) -> float:
-    return sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 1e6
 
 
 @torch.no_grad()
@@ -96,7 +92,7 @@ def main() -> None:
                                    "transformers_top1_agreement": _agree(hf_logits, ref),
                                    "in_memory_vs_fp32_rel_l2": _rel(ref, fp_logits),
                                    "in_memory_vs_fp32_top1_agreement": _agree(ref, fp_logits)},
-           "export_mb": _dir_mb(ckpt), "float_checkpoint_mb": fp_bytes / 1e6, **stamp()}
+           "export_mb": dir_mb(ckpt), "float_checkpoint_mb": fp_bytes / 1e6, **stamp()}
     out = Path(a.out)
     write_json(out / f"export_{name}_{a.act}.json", rec)
 

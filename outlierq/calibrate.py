@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
 from .errors import OutlierqError
-from .models.arch import decoder_layers, get_arch
+from .models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
+from .models.prepare import fingerprint, prepare
 from .provenance import atomic_path, stamp
 
 DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
@@ -157,22 +159,47 @@ class ActivationStats:
         out.meta = meta
         return out
 
-    def check_matches(self, model: nn.Module) -> None:
-        """Refuse statistics gathered on a model whose layers or shapes differ."""
-        mods = dict(model.named_modules())
-        for name, st in self.inputs.items():
-            m = mods.get(name)
-            n = st.absmax.numel()
-            if not isinstance(m, nn.Linear) or m.in_features != n:
-                got = f"in_features={m.in_features}" if isinstance(m, nn.Linear) else "missing"
-                raise OutlierqError(f"statistics do not match this model: Linear {name!r} has "
-                                    f"{n} input channels in the stats, {got} in the model; "
+    def check_matches(self, model: nn.Module, exact: bool = True) -> None:
+        """Refuse statistics gathered on another model, or on this model before a mitigation
+        changed it (`exact`: the weight fingerprint must match too; shapes are always checked)."""
+        expected = expected_inputs(model)
+        for name, n in expected.items():
+            st = self.inputs.get(name)
+            if st is None:
+                raise OutlierqError(f"statistics do not match this model: no stats for {name!r}; "
                                     f"recalibrate (stats came from {self.meta.get('model')!r})")
-        linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
-        missing = linears - self.inputs.keys()
-        if missing:
-            raise OutlierqError(f"statistics do not match this model: no stats for "
-                                f"{len(missing)} Linears (e.g. {sorted(missing)[0]!r}); recalibrate")
+            if st.absmax.numel() != n:
+                raise OutlierqError(f"statistics do not match this model: {name!r} has "
+                                    f"{st.absmax.numel()} input channels in the stats, {n} in the "
+                                    f"model; recalibrate (stats came from {self.meta.get('model')!r})")
+        want = self.meta.get("fingerprint")
+        if exact and want is not None and want != fingerprint(model):
+            raise OutlierqError("statistics are stale: they describe different weights than this "
+                                "model has (another model, or taken before a mitigation changed it); "
+                                "use the statistics mitigate() returned, or recalibrate")
+
+
+def expected_inputs(model: nn.Module, spec: ArchSpec | None = None) -> dict[str, int]:
+    """Every input calibration records -> its channel count: the decoder layers' Linears, the
+    output head, and for MoE layers the experts' shared input and each expert's down input."""
+    spec = spec or get_arch(model)
+    out = {n: m.in_features for n, m in model.named_modules()
+           if isinstance(m, nn.Linear) and n.startswith(spec.layers + ".")}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        out[_name_of(model, head)] = head.in_features
+    if spec.experts is not None:
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            ex = resolve(layer, spec.experts.path)
+            pre = f"{spec.layers}.{i}.{spec.experts.path}"
+            out[f"{pre}.gate_up"] = ex.gate_up_proj.shape[2]
+            for e in range(ex.gate_up_proj.shape[0]):
+                out[f"{pre}.{e}.down"] = ex.down_proj.shape[2]
+    return out
+
+
+def _name_of(model: nn.Module, mod: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is mod)
 
 
 class _Recorder:
@@ -193,15 +220,21 @@ class _Recorder:
         self.seqlen = 1
         self._last: tuple[torch.Tensor, ops.ChannelStats, list] | None = None
         self.handles = []
+        self.expert_tokens: dict[str, torch.Tensor] = {}
         spec = get_arch(model)
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear):
-                self.inputs[name] = TensorStats.empty(mod.in_features, len(thresholds))
-                self.handles.append(mod.register_forward_hook(self._linear_hook(name)))
+        mods = dict(model.named_modules())
+        for name, n in expected_inputs(model, spec).items():
+            self.inputs[name] = TensorStats.empty(n, len(thresholds))
+            if name in mods:
+                self.handles.append(mods[name].register_forward_hook(self._linear_hook(name)))
         for i, layer in enumerate(decoder_layers(model, spec)):
             name = f"{spec.layers}.{i}"
-            self.residual[name] = TensorStats.empty(model.config.hidden_size, len(thresholds))
+            self.residual[name] = TensorStats.empty(text_config(model).hidden_size, len(thresholds))
             self.handles.append(layer.register_forward_hook(self._residual_hook(name)))
+            if spec.experts is not None:
+                ex = resolve(layer, spec.experts.path)
+                self.handles.append(ex.register_forward_hook(
+                    self._experts_hook(f"{name}.{spec.experts.path}", ex)))
 
     def _stats(self, x: torch.Tensor):
         # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
@@ -229,6 +262,25 @@ class _Recorder:
                 self.samples.setdefault(name, []).extend(kept)
         return hook
 
+    def _experts_hook(self, name: str, ex: nn.Module):
+        """Every token through every expert, for statistics only: the model's output is the
+        routed one the experts module already computed. Records the experts' shared input, each
+        expert's down_proj input, and how many tokens the router actually sent to each expert."""
+        def hook(mod, args, out):
+            x, top_k_index = args[0], args[1]
+            self.expert_tokens[name] = self.expert_tokens.get(name, 0) + torch.bincount(
+                top_k_index.reshape(-1).cpu(), minlength=ex.gate_up_proj.shape[0])
+            kept = self._record(self.inputs, f"{name}.gate_up", x)
+            if kept:
+                self.samples.setdefault(f"{name}.gate_up", []).extend(kept)
+            for e in range(ex.gate_up_proj.shape[0]):
+                gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+                h = ex.act_fn(gate) * up
+                kept = self._record(self.inputs, f"{name}.{e}.down", h)
+                if kept:
+                    self.samples.setdefault(f"{name}.{e}.down", []).extend(kept)
+        return hook
+
     def _residual_hook(self, name):
         def hook(mod, args, out):
             self._record(self.residual, name, out[0] if isinstance(out, tuple) else out)
@@ -249,6 +301,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
 
     keep_rows > 0 also keeps about that many random rows of every Linear input (for the
     per-layer alpha search)."""
+    prepare(model)
     thresholds = tuple(float(t) for t in thresholds)
     n_batches = math.ceil(windows.shape[0] / batch_size)
     rec = _Recorder(model, thresholds, keep_rows, math.ceil(keep_rows / n_batches) if keep_rows else 0,
@@ -294,5 +347,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
     info = dict(meta or {})
     info.update(model=getattr(model, "outlierq_source", getattr(model, "name_or_path", "?")),
                 architecture=get_arch(model).family, samples=int(windows.shape[0]),
-                seqlen=int(windows.shape[1]), seed=seed, tokens=int(windows.numel()), **stamp())
+                seqlen=int(windows.shape[1]), seed=seed, tokens=int(windows.numel()),
+                fingerprint=fingerprint(model), **stamp())
+    if rec.expert_tokens:  # tokens the router sent to each expert (statistics cover all tokens)
+        info["expert_tokens"] = {k: v.tolist() for k, v in rec.expert_tokens.items()}
     return ActivationStats(thresholds, rec.inputs, rec.residual, info, samples)

@@ -3,3 +3,7 @@
 
 class OutlierqError(Exception):
     """Bad input or an unsupported request. The message names the problem and the fix."""
+
+
+class OutlierqNotice(UserWarning):
+    """Something a family's layout does not allow was skipped (the message says what and why)."""

@@ -8,6 +8,7 @@ implicitly on `.to()`: only `quantize_` does."""
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,19 +20,50 @@ from tqdm.auto import tqdm
 from . import ops
 from .calibrate import ActivationStats
 from .errors import OutlierqError
+from .mitigate.surgery import set_module
+from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve
+from .models.prepare import prepare
 
 
 @dataclass(frozen=True)
 class W8A8:
-    """int8 weights per output channel; int8 activations per token (dynamic) or per tensor (static)."""
+    """int8 weights per output channel; int8 activations per token (dynamic) or per tensor (static).
+
+    Shaped like a compressed-tensors scheme: Linears matching `token_for` get per-token
+    activations, every other quantizable Linear gets `act`, and `skip` (ignore) stays float.
+    Patterns are fnmatch globs on module names ("*down_proj", "model.layers.0.*") or "re:" regexes,
+    matched by `matches`, the one matcher quantize_, export and load share."""
     act: Literal["token", "tensor", "none"] = "token"   # "none": weight-only int8
-    skip: tuple[str, ...] = ("lm_head",)               # fnmatch patterns of Linears kept float
+    skip: tuple[str, ...] = ("lm_head",)               # Linears kept float
     fake: bool = False                                  # dequantize-and-matmul reference
     backend: str = "auto"
-    # with act="tensor": Linears (fnmatch patterns) that keep per-token dynamic activations. Static
-    # per-tensor scales cannot follow down_proj's token-to-token range (SwiGLU products), so
+    # with act="tensor": Linears that keep per-token dynamic activations. Static per-tensor
+    # scales cannot follow down_proj's token-to-token range (SwiGLU products), so
     # ("*down_proj",) buys most of the accuracy back while everything else stays static.
     token_for: tuple[str, ...] = ()
+
+    def act_for(self, name: str) -> str | None:
+        """The activation mode of Linear `name`, or None when it stays float."""
+        if matches(name, self.skip):
+            return None
+        return "token" if self.token_for and matches(name, self.token_for) else self.act
+
+
+def _target_regex(pattern: str) -> str:
+    """A target as a regex: "re:<regex>" as is, anything else an fnmatch glob; a bare name also
+    matches as a suffix after a dot ("lm_head", "down_proj")."""
+    if pattern.startswith("re:"):
+        return pattern[3:]
+    glob = fnmatch.translate(pattern)  # "(?s:...)\\Z" -> keep the body, anchor ourselves
+    glob = glob[glob.index(":") + 1: glob.rindex(")")]
+    bare = not any(c in pattern for c in "*?[")
+    return f"(?:{glob}|.*\\.{glob})$" if bare else f"(?:{glob})$"
+
+
+def matches(name: str, targets) -> bool:
+    """True if module `name` matches any target: compressed-tensors' rule for "re:" regexes
+    (re.match on the full name), fnmatch globs, and exact names or name suffixes."""
+    return any(re.match(_target_regex(t), name) for t in targets)
 
 
 @dataclass(frozen=True)
@@ -84,20 +116,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.act == "none":
-            y = F.linear(x2.float(), self.dequantized_weight())
-        else:
-            if self.act == "token":
-                q, s, _ = ops.quantize_per_token(x2, backend=self.backend)
-            else:
-                q = ops.quantize_per_tensor(x2, self.input_scale, backend=self.backend)
-                s = self.input_scale.expand(x2.shape[0])
-            if self.fake:
-                y = (q.float() * s[:, None]) @ self.dequantized_weight().t()
-            else:
-                if self._wt is None or self._wt.device != q.device:
-                    self._wt = self.weight.t().contiguous()
-                y = ops.int8_matmul(q, s, self._wt, self.weight_scale)
+        if not self.fake and self.act != "none" and (self._wt is None or self._wt.device != x.device):
+            self._wt = self.weight.t().contiguous()
+        y = w8a8_linear(x2, self.weight, self.weight_scale, self.act, self.input_scale, self.fake,
+                        self.backend, self._wt)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -111,8 +133,82 @@ class Int8Linear(nn.Module):
                 f"act={self.act}, fake={self.fake}")
 
 
-def _skipped(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, p) or name.endswith("." + p) or name == p for p in patterns)
+def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, act: str,
+                input_scale: torch.Tensor | None, fake: bool = False, backend: str = "auto",
+                wt: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [M, K] float @ int8 weight [N, K] (per-row scales) -> fp32 [M, N], activations
+    quantized per token / per tensor (or not: act="none"). `wt`: a cached contiguous weight.t()."""
+    deq = lambda: weight.float() * weight_scale[:, None]  # noqa: E731
+    if act == "none":
+        return F.linear(x2.float(), deq())
+    if act == "token":
+        q, s, _ = ops.quantize_per_token(x2, backend=backend)
+    else:
+        q = ops.quantize_per_tensor(x2, input_scale, backend=backend)
+        s = input_scale.expand(x2.shape[0])
+    if fake:
+        return (q.float() * s[:, None]) @ deq().t()
+    return ops.int8_matmul(q, s, weight.t().contiguous() if wt is None else wt, weight_scale)
+
+
+class Int8Experts(nn.Module):
+    """int8 twin of transformers-5 fused MoE experts: per expert, gate|up [2I, H] and down [H, I]
+    int8 codes with per-row scales, the same routed forward (only the experts the router picked
+    run, weighted by its scores). Static activation scales: one per expert and projection."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module,
+                 act: tuple[str, str] = ("token", "token"), fake: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.act_fn, self.act, self.fake, self.backend = act_fn, tuple(act), fake, backend
+        self.register_buffer("gate_up", torch.zeros(num_experts, 2 * inter, hidden, dtype=torch.int8))
+        self.register_buffer("gate_up_scale", torch.ones(num_experts, 2 * inter))
+        self.register_buffer("down", torch.zeros(num_experts, hidden, inter, dtype=torch.int8))
+        self.register_buffer("down_scale", torch.ones(num_experts, hidden))
+        self.register_buffer("gate_up_input_scale", torch.ones(num_experts) if act[0] == "tensor" else None)
+        self.register_buffer("down_input_scale", torch.ones(num_experts) if act[1] == "tensor" else None)
+
+    @classmethod
+    def from_experts(cls, ex: nn.Module, act: tuple[str, str], scales: tuple | None = None,
+                     fake: bool = False, backend: str = "auto") -> "Int8Experts":
+        n, two_i, h = ex.gate_up_proj.shape
+        m = cls(n, h, two_i // 2, ex.act_fn, act, fake, backend)
+        for e in range(n):
+            m.gate_up[e], m.gate_up_scale[e] = quantize_weight(ex.gate_up_proj[e], backend)
+            m.down[e], m.down_scale[e] = quantize_weight(ex.down_proj[e], backend)
+        for buf, sc in zip((m.gate_up_input_scale, m.down_input_scale), scales or (None, None)):
+            if buf is not None:
+                if sc is None:
+                    raise OutlierqError("static per-tensor activations need calibration statistics")
+                buf.copy_(torch.as_tensor(sc, dtype=torch.float32).clamp(min=1e-12))
+        return m.to(ex.gate_up_proj.device)
+
+    def _mm(self, x: torch.Tensor, e: int, which: str) -> torch.Tensor:
+        w, ws = (self.gate_up, self.gate_up_scale) if which == "gate_up" else (self.down, self.down_scale)
+        act = self.act[0] if which == "gate_up" else self.act[1]
+        ins = getattr(self, f"{which}_input_scale")
+        return w8a8_linear(x, w[e], ws[e], act, None if ins is None else ins[e: e + 1], self.fake,
+                           self.backend)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
+            if e == self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            gate, up = self._mm(hidden_states[tok], e, "gate_up").chunk(2, dim=-1)
+            h = self._mm((self.act_fn(gate) * up).to(hidden_states.dtype), e, "down")
+            out.index_add_(0, tok, (h * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.gate_up.float() * self.gate_up_scale[..., None],
+                self.down.float() * self.down_scale[..., None])
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, act={self.act}"
 
 
 def _llm_int8(lin: nn.Linear, threshold: float) -> nn.Module:
@@ -127,23 +223,56 @@ def _llm_int8(lin: nn.Linear, threshold: float) -> nn.Module:
     return m.to(lin.weight.device)  # bitsandbytes quantizes on this move
 
 
+def expert_names(spec: ArchSpec, layer: str, e: int) -> tuple[str, str, str]:
+    """Expert e's (gate, up, down) Linear names as the family's original checkpoints spell them."""
+    return tuple(f"{layer}.{spec.experts.ckpt}.{e}.{n}" for n in spec.experts.names)
+
+
 @torch.no_grad()
 def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
-              progress: bool = True) -> nn.Module:
-    """Replace every nn.Linear not in `config.skip` in place; returns the model."""
+              progress: bool = True, check_stats: bool = True) -> nn.Module:
+    """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;
+    returns the model. `stats` (needed for static activations) must describe this model as it is
+    now: statistics from before a mitigation are refused unless check_stats=False, which risks
+    static scales that no longer fit the weights."""
+    prepare(model)
+    spec = get_arch(model)
     if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _skipped(n, config.skip)]
+    if stats is not None:
+        stats.check_matches(model, exact=check_stats)
+    skip = config.skip
+    if isinstance(config, W8A8):
+        unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in quantizable(model, spec))]
+        if unmatched:
+            raise OutlierqError(f"token_for pattern {unmatched[0]!r} matches no quantizable Linear "
+                                "(e.g. 'down_proj', '*mlp.down_proj', 're:.*layers\\.0\\..*')")
+    targets = [(n, model.get_submodule(n)) for n in quantizable(model, spec) if not matches(n, skip)]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
         else:
-            act = "token" if config.token_for and _skipped(name, config.token_for) else config.act
-            scale = None
-            if act == "tensor":
-                scale = stats.input_absmax(name).max().item() / 127.0
+            act = config.act_for(name)
+            scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
             new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if spec.experts is not None:
+        if isinstance(config, LLMInt8):
+            raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
+                                "fused tensors here: use W8A8")
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            pre = f"{spec.layers}.{i}"
+            gate, _, down = expert_names(spec, pre, 0)
+            acts = (config.act_for(gate) or "none", config.act_for(down) or "none")
+            scales = None
+            if "tensor" in acts:
+                name = f"{pre}.{spec.experts.path}"
+                n = resolve(layer, spec.experts.path).gate_up_proj.shape[0]
+                scales = (torch.full((n,), stats.input_absmax(f"{name}.gate_up").max().item() / 127.0),
+                          torch.tensor([stats.input_absmax(f"{name}.{e}.down").max().item() / 127.0
+                                        for e in range(n)]))
+            ex = resolve(layer, spec.experts.path)
+            set_module(layer, spec.experts.path,
+                       Int8Experts.from_experts(ex, acts, scales, config.fake, config.backend))
     return model

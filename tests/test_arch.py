@@ -2,28 +2,42 @@ import pytest
 from torch import nn
 
 from outlierq.errors import OutlierqError
-from outlierq.models.arch import ARCHS, decoder_layers, get_arch, resolve
+from outlierq.models.arch import ARCHS, MULTIMODAL, decoder_layers, get_arch, resolve, text_config
 from conftest import FAMILIES, tiny_model
 
 
 def test_every_family_has_a_test_row():
-    assert set(ARCHS) == set(FAMILIES)
+    assert set(ARCHS) | set(MULTIMODAL) == set(FAMILIES)
 
 
 def test_description_resolves(family):
     model = tiny_model(family)
     spec = get_arch(model)
+    cfg = text_config(model)
     layers = decoder_layers(model, spec)
     assert len(layers) == 2
+    assert isinstance(resolve(model, spec.embed), nn.Embedding)
+    assert isinstance(resolve(model, spec.final_norm), nn.Module)
     for layer in layers:
         for g in spec.groups:
             assert isinstance(resolve(layer, g.norm), nn.Module)
             widths = {resolve(layer, n).in_features for n in g.linears}
-            assert widths == {model.config.hidden_size}
+            assert widths <= {cfg.hidden_size}
+            if g.router:
+                assert resolve(layer, g.router).weight.shape[1] == cfg.hidden_size
         for p in spec.pairs:
             prod, cons = resolve(layer, p.producer), resolve(layer, p.consumer)
             assert isinstance(prod, nn.Linear) and isinstance(cons, nn.Linear)
-        assert resolve(layer, spec.mlp.down).in_features == getattr(model.config, spec.mlp.size_attr)
+            rows = p.rows(cfg) if p.rows else None
+            if rows is not None:  # the row map covers every consumer channel, inside the producer
+                assert rows.numel() == cons.in_features and int(rows.max()) < prod.out_features
+        for w in spec.writers:
+            assert resolve(layer, w).out_features == cfg.hidden_size
+        if spec.mlp:
+            assert resolve(layer, spec.mlp.down).in_features == getattr(cfg, spec.mlp.size_attr)
+        if spec.experts:
+            ex = resolve(layer, spec.experts.path)
+            assert ex.gate_up_proj.dim() == 3 and ex.down_proj.shape[1] == cfg.hidden_size
 
 
 def test_unknown_architecture_lists_supported():
@@ -31,3 +45,17 @@ def test_unknown_architecture_lists_supported():
     model.config = type("C", (), {"architectures": ["BertForMaskedLM"]})()
     with pytest.raises(OutlierqError, match="supported: .*LlamaForCausalLM"):
         get_arch(model)
+
+
+@pytest.mark.parametrize("over, note", [
+    (dict(activation_function="gelu"), "not positively homogeneous"),
+    (dict(layer_norm_elementwise_affine=False), "without weights"),
+    (dict(do_layer_norm_before=False), "post-LayerNorm"),
+])
+def test_opt_layouts_say_what_is_skipped(over, note):
+    spec = get_arch(tiny_model("OPTForCausalLM", **over))
+    assert any(note in n for n in spec.notes)
+    if "activation_function" in over:  # GeLU: norm smoothing only, no fc1->fc2 pair, no split
+        assert spec.groups and spec.mlp is None and [p.kind for p in spec.pairs] == ["attn_vo"]
+    else:
+        assert spec.groups == ()

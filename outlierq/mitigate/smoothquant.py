@@ -17,8 +17,9 @@ from torch import nn
 from .. import ops
 from ..calibrate import ActivationStats
 from ..errors import OutlierqError
-from ..models.arch import ArchSpec, decoder_layers, get_arch, kv_groups, resolve
+from ..models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
 from . import surgery
+from .registry import register
 from ._stats import rescale_inputs
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -88,11 +89,13 @@ def _choose(cfg: SmoothQuant, xr: torch.Tensor, wr: torch.Tensor, ws: list[torch
     return _factors(xr, wr, best_a, cfg.clamp), best_a
 
 
-def _vo_map(model: nn.Module) -> torch.Tensor:
-    """o_proj input channel -> v_proj output row (grouped-query attention shares KV heads)."""
-    heads, kv, hd = kv_groups(model)
-    c = torch.arange(heads * hd)
-    return (c // hd) // (heads // kv) * hd + c % hd
+def _row_maxima(cmap: torch.Tensor, x_max: torch.Tensor, w_max: torch.Tensor):
+    """Reduce per-consumer-channel maxima onto the producer rows feeding them (`cmap[c]` = row of
+    channel c): (rows used, channel -> position in rows, x maxima per row, w maxima per row)."""
+    rows, inv = torch.unique(cmap, return_inverse=True)
+    xr = torch.zeros(rows.numel()).scatter_reduce(0, inv, x_max.float(), "amax", include_self=False)
+    wr = torch.zeros(rows.numel()).scatter_reduce(0, inv, w_max.float(), "amax", include_self=False)
+    return rows, inv, xr, wr
 
 
 @torch.no_grad()
@@ -100,18 +103,25 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
     """Fold SmoothQuant into `model`'s weights; returns statistics of the smoothed model."""
     spec: ArchSpec = get_arch(model)
     chosen: dict[str, float | None] = {}
+    cfg_text = text_config(model)
     for i, layer in enumerate(decoder_layers(model, spec)):
         pre = f"{spec.layers}.{i}."
         for g in spec.groups:
-            names = [pre + n for n in g.linears]
-            consumers = [resolve(layer, n) for n in g.linears]
+            ex = resolve(layer, g.experts) if g.experts else None
+            names = [pre + n for n in g.linears] + ([f"{pre}{g.experts}.gate_up"] if ex is not None else [])
+            quantized = [resolve(layer, n).weight.detach() for n in g.linears if n not in spec.keep_float]
+            if ex is not None:
+                quantized += list(ex.gate_up_proj.detach())
             x_max = stats.input_absmax(names[0])
-            ws = [c.weight.detach() for c in consumers]
-            w_max = torch.stack([w.abs().amax(0).float() for w in ws]).amax(0)
-            s, a = _choose(cfg, x_max, w_max, ws, stats.samples.get(names[0]), x_max)
+            w_max = torch.stack([w.abs().amax(0).float() for w in quantized]).amax(0)
+            s, a = _choose(cfg, x_max, w_max, quantized, stats.samples.get(names[0]), x_max)
             surgery.scale_norm_output(resolve(layer, g.norm), spec.norm_kind, s)
-            for c in consumers:
-                surgery.scale_linear_input(c, s)
+            for n in g.linears:
+                surgery.scale_linear_input(resolve(layer, n), s)
+            if g.router:  # the router reads the same norm: same scale, or routing changes
+                surgery.scale_linear_input(resolve(layer, g.router), s)
+            if ex is not None:
+                surgery.scale_experts_input(ex, s)
             stats = rescale_inputs(stats, names, s)
             chosen[pre + g.norm] = a
         if not cfg.pairs:
@@ -121,22 +131,28 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
             name = pre + p.consumer
             x_max = stats.input_absmax(name)
             w_max = cons.weight.detach().abs().amax(0).float()
-            ws, sample = [cons.weight.detach()], stats.samples.get(name)
-            if p.kind == "attn_vo":
-                # one factor per v_proj row: reduce over the query heads sharing each KV head
-                cmap = _vo_map(model)
-                rows = prod.weight.shape[0]
-                xr = torch.zeros(rows).scatter_reduce(0, cmap, x_max, "amax", include_self=False)
-                wr = torch.zeros(rows).scatter_reduce(0, cmap, w_max, "amax", include_self=False)
-                sr, a = _choose(cfg, xr, wr, ws, sample, x_max, cmap)
-                s = sr[cmap]
-            else:
-                sr, a = _choose(cfg, x_max, w_max, ws, sample, x_max)
-                s = sr
-            surgery.scale_linear_output(prod, sr)
-            surgery.scale_linear_input(cons, s)
-            stats = rescale_inputs(stats, [name], s)
+            cmap = p.rows(cfg_text) if p.rows else torch.arange(x_max.numel())
+            rows, inv, xr, wr = _row_maxima(cmap, x_max, w_max)
+            sr, a = _choose(cfg, xr, wr, [cons.weight.detach()], stats.samples.get(name), x_max, inv)
+            s_prod = torch.ones(prod.weight.shape[0], dtype=torch.float64)
+            s_prod[rows] = sr.double()
+            surgery.scale_linear_output(prod, s_prod)
+            surgery.scale_linear_input(cons, sr[inv])
+            stats = rescale_inputs(stats, [name], sr[inv])
             chosen[name] = a
+        if spec.experts is not None:  # each expert's up rows -> its down_proj columns
+            ex = resolve(layer, spec.experts.path)
+            for e in range(ex.down_proj.shape[0]):
+                name = f"{pre}{spec.experts.path}.{e}.down"
+                x_max = stats.input_absmax(name)
+                down = ex.down_proj[e].detach()
+                s, a = _choose(cfg, x_max, down.abs().amax(0).float(), [down],
+                               stats.samples.get(name), x_max)
+                surgery.scale_expert_pair(ex, e, s)
+                stats = rescale_inputs(stats, [name], s)
+                chosen[name] = a
     stats.meta = dict(stats.meta, smoothquant_alpha=chosen)
     return stats
 
+
+register("smoothquant", SmoothQuant, apply_smoothquant, needs_rows=lambda c: c.alpha is None)

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..calibrate import ActivationStats
 from ..errors import OutlierqError
-from ..models.arch import decoder_layers, get_arch, resolve
+from ..models.arch import decoder_layers, get_arch, resolve, text_config
 from . import surgery
+from .registry import register
 from ._stats import split_inputs
 
 
@@ -55,8 +56,11 @@ def split_plan(absmax: torch.Tensor, budget: int, ratio: float) -> torch.Tensor:
 def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit) -> ActivationStats:
     spec = get_arch(model)
     mlp = spec.mlp
+    if mlp is None:  # the family's notes (shown by mitigate) say why
+        return stats
     layers = decoder_layers(model, spec)
-    size = getattr(model.config, mlp.size_attr)
+    cfg_text = text_config(model)
+    size = getattr(cfg_text, mlp.size_attr)
     budget = max(1, math.floor(cfg.expand * size))
     plans = [split_plan(stats.input_absmax(f"{spec.layers}.{i}.{mlp.down}"), budget, cfg.ratio)
              for i in range(len(layers))]
@@ -87,7 +91,10 @@ def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit) -> 
         if hasattr(holder, "intermediate_size"):
             holder.intermediate_size = new_size
         stats = split_inputs(stats, [f"{spec.layers}.{i}.{mlp.down}"], parts, new_size)
-    setattr(model.config, mlp.size_attr, new_size)
+    setattr(cfg_text, mlp.size_attr, new_size)
     stats.meta = dict(stats.meta, split_intermediate_size=new_size,
                       split_channels={f"{spec.layers}.{i}": int((p > 1).sum()) for i, p in enumerate(plans)})
     return stats
+
+
+register("split", ChannelSplit, apply_split)

@@ -26,7 +26,8 @@ def scale_norm_output(norm: nn.Module, kind: NormKind, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def scale_linear_input(lin: nn.Module, s: torch.Tensor) -> None:
-    """W[:, j] *= s_j, so that lin(x / s) == old lin(x)."""
+    """W[:, j] *= s_j, so that lin(x / s) == old lin(x) (any module with a `weight` [out, in],
+    such as an MoE router)."""
     _set(lin.weight, lin.weight.double() * s.double()[None, :])
 
 
@@ -37,6 +38,23 @@ def scale_linear_output(lin: nn.Module, s: torch.Tensor) -> None:
     _set(lin.weight, lin.weight.double() / s[:, None])
     if lin.bias is not None:
         _set(lin.bias, lin.bias.double() / s)
+
+
+@torch.no_grad()
+def scale_experts_input(ex: nn.Module, s: torch.Tensor) -> None:
+    """Fused experts read x / s: every expert's gate and up columns *= s."""
+    _set(ex.gate_up_proj, ex.gate_up_proj.double() * s.double()[None, None, :])
+
+
+@torch.no_grad()
+def scale_expert_pair(ex: nn.Module, e: int, s: torch.Tensor) -> None:
+    """Expert e's up rows /= s and its down_proj columns *= s (act(gate) * up is linear in up)."""
+    s = s.double()
+    inter = ex.down_proj.shape[2]
+    gu, down = ex.gate_up_proj.data.clone(), ex.down_proj.data.clone()
+    gu[e, inter:] = (gu[e, inter:].double() / s[:, None]).to(gu.dtype)
+    down[e] = (down[e].double() * s[None, :]).to(down.dtype)
+    ex.gate_up_proj.data, ex.down_proj.data = gu, down
 
 
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:

@@ -1,0 +1,32 @@
+"""The mitigation registry: each mitigation's file registers its config class and apply function
+once, with what the pipeline needs to know about it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import OutlierqError
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    name: str
+    config: type
+    apply: Callable                       # apply(model, stats, cfg) -> stats of the mitigated model
+    needs_rows: Callable[[Any], bool]     # does this config need kept calibration rows?
+    exact_stats: bool                     # statistics carry over exactly (no recalibration needed)
+
+
+MITIGATIONS: dict[str, Mitigation] = {}
+
+
+def register(name: str, config: type, apply: Callable, needs_rows: Callable[[Any], bool] = lambda c: False,
+             exact_stats: bool = True) -> None:
+    MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, exact_stats)
+
+
+def lookup(cfg) -> Mitigation:
+    for m in MITIGATIONS.values():
+        if isinstance(cfg, m.config):
+            return m
+    raise OutlierqError(f"not a mitigation config: {cfg!r}")

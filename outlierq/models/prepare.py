@@ -1,0 +1,47 @@
+"""Bring a loaded model into the one shape every stage works on, and fingerprint its weights.
+
+GPT-2 keeps its projections in transformers' Conv1D (weight [in, out], y = x @ W + b). outlierq
+holds them as nn.Linear (weight [out, in]) so calibration, mitigation and quantization see one
+kind of module; export writes float weights back in the Conv1D layout the family's checkpoints
+use (`ArchSpec.conv1d`)."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .arch import decoder_layers, get_arch, resolve
+
+
+@torch.no_grad()
+def prepare(model: nn.Module) -> nn.Module:
+    """Validate the family (one error line if unsupported) and swap Conv1D for nn.Linear, in
+    place; idempotent. Returns the model."""
+    spec = get_arch(model)
+    if not spec.conv1d:
+        return model
+    from .. mitigate.surgery import new_linear, set_module
+
+    for layer in decoder_layers(model, spec):
+        for path in spec.conv1d:
+            m = resolve(layer, path)
+            if isinstance(m, nn.Linear) or not hasattr(m, "nf"):
+                continue
+            like = nn.Linear(1, 1, device=m.weight.device, dtype=m.weight.dtype)
+            set_module(layer, path, new_linear(m.weight.t().contiguous(), m.bias, like))
+    return model
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the decoder layers' float weights (sum and sum of squares per tensor, in
+    float64, 9 significant digits): equal for the same weights, different after a mitigation
+    rescaled them or for another model of the same shapes."""
+    spec = get_arch(model)
+    h = hashlib.sha256(spec.family.encode())
+    for name, p in resolve(model, spec.layers).named_parameters():
+        if p.is_floating_point():
+            d = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.9g}:{d.pow(2).sum().item():.9g};".encode())
+    return h.hexdigest()[:16]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +28,90 @@ from .calibrate import ActivationStats
 from .detect import detect
 from .errors import OutlierqError
 from .provenance import atomic_dir, stamp
-from .quantize import Int8Linear
+from .models.arch import decoder_layers, get_arch, resolve
+from .models.prepare import prepare
+from .quantize import Int8Experts, Int8Linear, expert_names, matches
 
 FORMATS = ("compressed-tensors", "fp")
 MANIFEST = "SHA256SUMS"
 DEFAULT_SHARD = 2 * 1024 ** 3
 
 
-def _quantization_config(model: nn.Module, ignore: list[str]) -> dict[str, Any]:
-    """One config group per activation mode. A single mode targets the class "Linear" (the
-    common layout); mixed modes target Linears by their name's last component, one regex each."""
+def _units(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """(checkpoint name, activation mode, is an expert) of every quantized Linear, experts under
+    the per-expert names the family's original checkpoints use."""
+    spec = get_arch(model)
+    out = [(n, m.act, False) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    for i, layer in enumerate(decoder_layers(model, spec)) if spec.experts else ():
+        ex = resolve(layer, spec.experts.path)
+        if isinstance(ex, Int8Experts):
+            for e in range(ex.num_experts):
+                g, u, d = expert_names(spec, f"{spec.layers}.{i}", e)
+                out += [(g, ex.act[0], True), (u, ex.act[0], True), (d, ex.act[1], True)]
+    return out
+
+
+def _targets(names: list[str], everyone: dict[str, str]) -> list[str]:
+    """compressed-tensors targets for `names`: layer indices collapsed to \\d+ where every
+    module of that shape is in this group, exact names otherwise (groups stay disjoint)."""
+    pat = lambda n: re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n))  # noqa: E731
+    mine = set(names)
+    by_pat: dict[str, list[str]] = {}
+    for n in everyone:
+        by_pat.setdefault(pat(n), []).append(n)
+    out = []
+    for n in names:
+        p = pat(n)
+        t = f"re:{p}$" if all(m in mine for m in by_pat[p]) else f"re:{re.escape(n)}$"
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _quantization_config(model: nn.Module, ignore: list[str], expert_format: str) -> dict[str, Any]:
+    """One config group per (activation mode, experts or not). One mode and no experts: the
+    common layout, targets ["Linear"]. Otherwise targets from `_targets` (disjoint), and experts
+    in their own group (transformers 5 dequantizes fused experts only from packed formats)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    by_act: dict[str, set[str]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Int8Linear):
-            by_act.setdefault(m.act, set()).add(name.rpartition(".")[2])
-    if not by_act or "none" in by_act:
+    units = _units(model)
+    if not units or any(a == "none" for _, a, _ in units):
         raise OutlierqError("compressed-tensors export needs W8A8 (int8 activations) on every "
                             "quantized Linear; weight-only int8 has no W8A8 layout here")
+    kinds = sorted({(a, x) for _, a, x in units})
+    simple = len(kinds) == 1 and not kinds[0][1]
+    everyone = {n: a for n, a, _ in units}
     groups = {}
-    for i, (act, kinds) in enumerate(sorted(by_act.items())):
-        w = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel",
-                             dynamic=False)
+    for i, (act, is_expert) in enumerate(kinds):
+        w = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
         a = QuantizationArgs(num_bits=8, type="int", symmetric=True,
-                             strategy="token" if act == "token" else "tensor",
-                             dynamic=act == "token")
-        targets = ["Linear"] if len(by_act) == 1 else [f"re:.*\\.{k}$" for k in sorted(kinds)]
-        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=w, input_activations=a)
-    qc = QuantizationConfig(config_groups=groups, format="int-quantized",
+                             strategy="token" if act == "token" else "tensor", dynamic=act == "token")
+        names = [n for n, ac, x in units if ac == act and x == is_expert]
+        fmt = (expert_format if is_expert else "int-quantized") if not simple else None
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if simple else _targets(names, everyone), weights=w,
+            input_activations=a, format=fmt)
+    qc = QuantizationConfig(config_groups=groups, format="int-quantized" if simple else "mixed-precision",
                             quantization_status="compressed", ignore=ignore)
     return qc.model_dump()
 
 
 def _act_for(name: str, qc: dict[str, Any]) -> str | None:
-    """The activation mode the checkpoint's config groups give Linear `name` (None: ignored)."""
-    import re
-
-    if name in set(qc.get("ignore") or []):
+    """The activation mode the checkpoint's config groups give Linear `name` (None: ignored),
+    with the matcher quantize_ uses."""
+    if matches(name, qc.get("ignore") or []):
         return None
     for g in qc["config_groups"].values():
-        for t in g["targets"]:
-            if t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)) or t == name:
-                return "token" if g["input_activations"]["strategy"] == "token" else "tensor"
+        if matches(name, [t for t in g["targets"] if t != "Linear"]) or "Linear" in g["targets"]:
+            return "token" if g["input_activations"]["strategy"] == "token" else "tensor"
     return None
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(model: nn.Module, expert_format: str = "pack-quantized") -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the family's original names: Conv1D weights transposed back
+    (float ones; int8 codes keep the [out, in] layout of compressed-tensors), experts one Linear
+    each, the router under its original name."""
+    spec = get_arch(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -83,8 +121,48 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{name}.weight_scale"] = m.weight_scale.to(dtype).reshape(-1, 1).contiguous()
             if m.input_scale is not None:
                 out[f"{name}.input_scale"] = m.input_scale.to(dtype).reshape(1).contiguous()
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        pre = f"{spec.layers}.{i}"
+        for path in spec.conv1d:
+            if isinstance(resolve(layer, path), nn.Linear):
+                out[f"{pre}.{path}.weight"] = out[f"{pre}.{path}.weight"].t().contiguous()
+        if spec.experts is None:
+            continue
+        ex = resolve(layer, spec.experts.path)
+        for k in [k for k in out if k.startswith(f"{pre}.{spec.experts.path}.")]:
+            del out[k]
+        router = f"{pre}.{spec.groups[-1].router}.weight"
+        out[f"{pre}.{spec.experts.router_ckpt}.weight"] = out.pop(router)
+        out.update(_expert_tensors(ex, spec, pre, dtype, expert_format))
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # transformers re-ties it on load
+    return out
+
+
+def _expert_tensors(ex: nn.Module, spec, pre: str, dtype: torch.dtype, expert_format: str):
+    out = {}
+    int8 = isinstance(ex, Int8Experts)
+    n = ex.num_experts if int8 else ex.gate_up_proj.shape[0]
+    for e in range(n):
+        names = expert_names(spec, pre, e)
+        if int8:
+            codes = (*ex.gate_up[e].chunk(2), ex.down[e])
+            scales = (*ex.gate_up_scale[e].chunk(2), ex.down_scale[e])
+            ins = [ex.gate_up_input_scale, ex.gate_up_input_scale, ex.down_input_scale]
+            for name, c, sc, i in zip(names, codes, scales, ins):
+                if expert_format == "pack-quantized":
+                    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+                    out[f"{name}.weight_packed"] = pack_to_int32(c, 8).contiguous()
+                    out[f"{name}.weight_shape"] = torch.tensor(list(c.shape))
+                else:
+                    out[f"{name}.weight"] = c.contiguous()
+                out[f"{name}.weight_scale"] = sc.to(dtype).reshape(-1, 1).contiguous()
+                if i is not None:
+                    out[f"{name}.input_scale"] = i[e].to(dtype).reshape(1).clone()
+        else:
+            g, u = ex.gate_up_proj[e].detach().chunk(2)
+            for name, w in zip(names, (g, u, ex.down_proj[e].detach())):
+                out[f"{name}.weight"] = w.cpu().contiguous()
     return out
 
 
@@ -124,16 +202,23 @@ def _sha256(path: Path) -> str:
 def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "compressed-tensors",
            recipe: list | None = None, stats: ActivationStats | None = None,
            overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD,
-           extra: dict | None = None) -> Path:
-    """Write `model` (mitigated; quantized for compressed-tensors) to `out_dir`; returns it."""
+           extra: dict | None = None, expert_format: str = "pack-quantized") -> Path:
+    """Write `model` (mitigated; quantized for compressed-tensors) to `out_dir`; returns it.
+
+    expert_format: how int8 MoE experts are stored. "pack-quantized" (codes packed into int32,
+    compressed-tensors' packed layout) is the one transformers 5 can load into its fused experts;
+    "int-quantized" (plain int8 per expert) is the layout of llm-compressor's W8A8 MoE checkpoints."""
     from .mitigate.recipe import recipe_to_list
 
+    spec = get_arch(model)  # unsupported families fail here, with one line
+    if expert_format not in ("pack-quantized", "int-quantized"):
+        raise OutlierqError(f"unknown expert_format {expert_format!r}: pack-quantized | int-quantized")
     if fmt not in FORMATS:
         raise OutlierqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutlierqError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    quantized = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))]
     if fmt == "fp" and quantized:
         raise OutlierqError("format 'fp' writes the unquantized model; export before quantize_")
     config = copy.deepcopy(model.config)
@@ -141,7 +226,10 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
         if not quantized:
             raise OutlierqError("compressed-tensors export needs a quantized model (run quantize_)")
         kept_float = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        config.quantization_config = _quantization_config(model, kept_float)
+        if spec.experts is not None:  # routers stay float (vLLM reads them as Linears)
+            kept_float += [f"{spec.layers}.{i}.{spec.experts.router_ckpt}"
+                           for i in range(len(decoder_layers(model, spec)))]
+        config.quantization_config = _quantization_config(model, kept_float, expert_format)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -149,12 +237,15 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_shards(_state_dict(model), tmp, max_shard_bytes)
+        _write_shards(_state_dict(model, expert_format), tmp, max_shard_bytes)
         info = {"format": fmt, "recipe": recipe_to_list(recipe or []), **stamp(), **(extra or {})}
         if stats is not None:
             info["calibration"] = {k: v for k, v in stats.meta.items()
                                    if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}
             info["stats_summary"] = summarize(stats)
+            # what the recipe resolved to: the alpha chosen per smoothing group, split sizes
+            info["chosen"] = {k: stats.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
+                                                         "split_channels", "expert_tokens") if k in stats.meta}
             # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
             info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
         (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
@@ -218,6 +309,8 @@ def load(path: str | Path, device: str = "cpu"):
     # Built for real (not on the meta device) so non-persistent buffers such as rotary
     # frequencies are initialised; the weights are then replaced by the checkpoint's.
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32)
+    prepare(model)  # Conv1D -> Linear as everywhere else; unsupported families fail here
+    spec = get_arch(model)
     for name, m in list(model.named_modules()):
         act = _act_for(name, qc) if isinstance(m, nn.Linear) else None
         if act is not None:
@@ -228,6 +321,14 @@ def load(path: str | Path, device: str = "cpu"):
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
+    filled: set[str] = set()
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        pre = f"{spec.layers}.{i}"
+        for path in spec.conv1d:  # float Conv1D weights are stored [in, out]
+            if type(resolve(layer, path)) is nn.Linear:
+                sd[f"{pre}.{path}.weight"] = sd[f"{pre}.{path}.weight"].t()
+        if spec.experts is not None:
+            _load_experts(layer, spec, pre, qc, sd, filled)
     for k in [k for k in sd if k.endswith("weight_scale")]:
         sd[k] = sd[k].float().reshape(-1)
     for k in [k for k in sd if k.endswith("input_scale")]:
@@ -236,9 +337,46 @@ def load(path: str | Path, device: str = "cpu"):
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
-    missing = [k for k in missing if "rotary_emb" not in k]
+    missing = [k for k in missing if "rotary_emb" not in k and k.rpartition(".")[0] not in filled]
     if missing or unexpected:
         raise OutlierqError(f"{d}: checkpoint does not match its config (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     return model.to(device).eval().requires_grad_(False), tok
 
+
+def _load_experts(layer: nn.Module, spec, pre: str, qc: dict, sd: dict, filled: set) -> None:
+    """Per-expert checkpoint Linears (plain or packed int8) -> one Int8Experts module."""
+    from .mitigate.surgery import set_module
+
+    ex = resolve(layer, spec.experts.path)
+    n, two_i, h = ex.gate_up_proj.shape
+    gate0, _, down0 = expert_names(spec, pre, 0)
+    acts = (_act_for(gate0, qc), _act_for(down0, qc))
+    sd[f"{pre}.{spec.groups[-1].router}.weight"] = sd.pop(f"{pre}.{spec.experts.router_ckpt}.weight")
+    if acts[0] is None or acts[1] is None:  # float experts: stack them back into the fused layout
+        for e in range(n):
+            g, u, dn = (sd.pop(f"{k}.weight") for k in expert_names(spec, pre, e))
+            ex.gate_up_proj.data[e] = torch.cat([g, u]).to(ex.gate_up_proj.dtype)
+            ex.down_proj.data[e] = dn.to(ex.down_proj.dtype)
+        return
+    q = Int8Experts(n, h, two_i // 2, ex.act_fn, acts)
+
+    def codes(name: str, shape) -> torch.Tensor:
+        if f"{name}.weight_packed" in sd:
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+            sd.pop(f"{name}.weight_shape", None)
+            return unpack_from_int32(sd.pop(f"{name}.weight_packed"), 8, torch.Size(shape)).to(torch.int8)
+        return sd.pop(f"{name}.weight")
+
+    for e in range(n):
+        g, u, dn = expert_names(spec, pre, e)
+        q.gate_up[e] = torch.cat([codes(g, (two_i // 2, h)), codes(u, (two_i // 2, h))])
+        q.down[e] = codes(dn, (h, two_i // 2))
+        q.gate_up_scale[e] = torch.cat([sd.pop(f"{g}.weight_scale"), sd.pop(f"{u}.weight_scale")]).float().reshape(-1)
+        q.down_scale[e] = sd.pop(f"{dn}.weight_scale").float().reshape(-1)
+        for buf, k in ((q.gate_up_input_scale, g), (q.down_input_scale, dn)):
+            if buf is not None:
+                buf[e] = sd.pop(f"{k}.input_scale").float().reshape(())
+            sd.pop(f"{u}.input_scale", None)
+    set_module(layer, spec.experts.path, q)
+    filled.add(f"{pre}.{spec.experts.path}")

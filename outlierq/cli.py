@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_report(a) -> None:
     from . import data, load_model
-    from .calibrate import ActivationStats
+    from .calibration import ActivationStats
     from .mitigate.recipe import parse_recipe
     from .report import build_report
 
@@ -134,7 +134,7 @@ def _cmd_bench(a) -> None:
 def _prepare(a):
     """Load, calibrate (or read stats), mitigate, quantize: shared by quantize/export/run."""
     from . import calibrate, data, load_model
-    from .calibrate import ActivationStats
+    from .calibration import ActivationStats
     from .mitigate.recipe import mitigate, parse_recipe
     from .quantize import W8A8, quantize_
 
@@ -158,7 +158,7 @@ def _prepare(a):
 
 
 def _cmd_quantize(a) -> None:
-    from .export import dir_mb, export
+    from .checkpoint import dir_mb, export
 
     _check_out(a.out, a.overwrite)
     model, tok, recipe, stats = _prepare(a)
@@ -171,7 +171,7 @@ _cmd_export = _cmd_quantize
 
 def _cmd_run(a) -> None:
     from . import data, load_model, perplexity
-    from .export import dir_mb, export, state_bytes, summarize
+    from .checkpoint import dir_mb, export, state_bytes, summarize
     from .provenance import stamp, write_json
 
     a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"

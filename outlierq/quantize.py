@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibrate import ActivationStats
+from .calibration import ActivationStats
 from .errors import OutlierqError
 from .mitigate.surgery import set_module
 from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import ActivationStats, calibrate
-from .detect import CRITERIA, Criteria, OutlierReport, detect
+from .calibration import ActivationStats, calibrate
+from .detection import CRITERIA, Criteria, OutlierReport, detect
 from .models.arch import decoder_layers, get_arch
 from .provenance import atomic_dir, stamp
 

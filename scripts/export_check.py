@@ -17,7 +17,7 @@ import torch
 import outlierq
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.export import dir_mb, state_bytes
+from outlierq.checkpoint import dir_mb, state_bytes
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import W8A8, quantize_

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from outlierq.errors import OutlierqError
@@ -59,3 +60,27 @@ def test_opt_layouts_say_what_is_skipped(over, note):
         assert spec.groups and spec.mlp is None and [p.kind for p in spec.pairs] == ["attn_vo"]
     else:
         assert spec.groups == ()
+
+
+def test_every_entry_point_refuses_an_unsupported_family(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from outlierq import calibrate, compress, export, load, mitigate, quantize_
+    from outlierq.checkpoint import MANIFEST, _sha256
+    from outlierq.quantize import W8A8
+
+    cfg = BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64)
+    cfg.architectures = ["BloomForCausalLM"]
+    model = BloomForCausalLM(cfg)
+    x = torch.randint(0, 64, (1, 8))
+    msg = "unsupported architecture 'BloomForCausalLM'"
+    for call in (lambda: calibrate(model, x, progress=False), lambda: quantize_(model, W8A8()),
+                 lambda: mitigate(model, None, []), lambda: export(model, tmp_path / "x"),
+                 lambda: compress(model, calibration=x)):
+        with pytest.raises(OutlierqError, match=msg):
+            call()
+    model.save_pretrained(tmp_path / "d")
+    files = sorted(p for p in (tmp_path / "d").iterdir())
+    (tmp_path / "d" / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    with pytest.raises(OutlierqError, match=msg):
+        load(tmp_path / "d")

@@ -26,7 +26,9 @@ def test_stats_equal_brute_force(family):
     batch = token_batch(4, 16)
     stats = calibrate(model, batch, thresholds=(1.0, 6.0), batch_size=2, progress=False)
     ref = _brute_force(model, batch)
-    assert set(stats.inputs) == set(ref)
+    linears = {n for n in stats.inputs if ".experts." not in n}  # experts: tests/test_moe.py
+    ref = {n: v for n, v in ref.items() if n in linears}  # vision towers stay out of calibration
+    assert linears == set(ref)
     for name, x in ref.items():
         st = stats.inputs[name]
         a = x.abs()

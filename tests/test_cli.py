@@ -45,10 +45,10 @@ def test_not_gguf_and_bad_dir(capsys, tmp_path):
 
 
 def test_unsupported_architecture(capsys, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    from transformers import BloomConfig, BloomForCausalLM
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     rc, err = _err(capsys, ["ppl", "--model", str(tmp_path)])
-    assert rc == 2 and "unsupported architecture 'GPT2LMHeadModel'" in err
+    assert rc == 2 and "unsupported architecture 'BloomForCausalLM'" in err
 
 
 @pytest.mark.parametrize("content, msg", [(b"", "empty"), (b"\x00\x01\x02binary", "binary"),

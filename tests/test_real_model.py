@@ -5,7 +5,7 @@ import pytest
 
 from outlierq import calibrate, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.export import export
+from outlierq.checkpoint import export
 from outlierq.mitigate.recipe import mitigate
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.quantize import W8A8, quantize_

@@ -3,7 +3,7 @@ import json
 import torch
 
 from outlierq import calibrate
-from outlierq.detect import Criteria, detect, flags
+from outlierq.detection import Criteria, detect, flags
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.report import build_report
 from conftest import tiny_model, token_batch

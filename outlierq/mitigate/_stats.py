@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from ..calibrate import ActivationStats, TensorStats
+from ..calibration import ActivationStats, TensorStats
 
 
 def _transformed(stats: ActivationStats, names: list[str], col_fn) -> ActivationStats:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..calibrate import ActivationStats
+from ..calibration import ActivationStats
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import get_arch
 from ..models.prepare import fingerprint, prepare

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..calibrate import ActivationStats
+from ..calibration import ActivationStats
 from ..errors import OutlierqError
 from ..models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
 from . import surgery

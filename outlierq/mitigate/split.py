@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibrate import ActivationStats
+from ..calibration import ActivationStats
 from ..errors import OutlierqError
 from ..models.arch import decoder_layers, get_arch, resolve, text_config
 from . import surgery

@@ -366,10 +366,15 @@ def get_arch(model: nn.Module) -> ArchSpec:
                            "notes": base.notes + ("multimodal Gemma 3: only the language model is "
                                                   "mitigated and quantized; the vision tower and "
                                                   "projector stay float",)})
-    if key not in ARCHS:
+    check_supported(key)
+    return ARCHS[key](model.config)
+
+
+def check_supported(key: str) -> None:
+    """One error line naming an unsupported architecture and listing the supported ones."""
+    if key not in ARCHS and key not in MULTIMODAL:
         raise OutlierqError(f"unsupported architecture {key!r}; supported: "
                             f"{', '.join(sorted(list(ARCHS) + list(MULTIMODAL)))}")
-    return ARCHS[key](model.config)
 
 
 def resolve(root: nn.Module, path: str) -> nn.Module:

@@ -14,7 +14,8 @@ import torch
 
 from ..errors import OutlierqError
 from ..provenance import atomic_dir
-from .arch import arch_key, get_arch
+from .arch import arch_key, check_supported
+from .prepare import prepare
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -126,7 +127,7 @@ def resolve_model_path(spec: str) -> str:
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Return (model, tokenizer), in eval mode with gradients off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -134,18 +135,21 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         dtype = DTYPES[dtype]
     path = resolve_model_path(spec)
     if (Path(path) / "outlierq.json").exists():  # an outlierq export: verified, real int8
-        from ..export import load
+        from ..checkpoint import load
         model, tok = load(path, device)
         model.outlierq_source = spec
         return model, tok
     try:
+        archs = getattr(AutoConfig.from_pretrained(path), "architectures", None)
+        if archs:  # before the tokenizer and the weights: unsupported families fail at once
+            check_supported(archs[0])
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise OutlierqError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from None
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    get_arch(model)  # unsupported architectures fail here, before any work
+    prepare(model)  # unsupported architectures fail here, before any work; Conv1D -> Linear
     model.to(device).eval().requires_grad_(False)
     model.outlierq_source = spec  # what the user asked for, recorded in stats and results
     return model, tok

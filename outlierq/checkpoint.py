@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import ActivationStats
-from .detect import detect
+from .calibration import ActivationStats
+from .detection import detect
 from .errors import OutlierqError
 from .provenance import atomic_dir, stamp
 from .models.arch import decoder_layers, get_arch, resolve
@@ -303,7 +303,9 @@ def load(path: str | Path, device: str = "cpu"):
     qc = getattr(cfg, "quantization_config", None)
     tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").exists() else None
     if qc is None:
-        return AutoModelForCausalLM.from_pretrained(d).eval().requires_grad_(False), tok
+        model = AutoModelForCausalLM.from_pretrained(d)
+        prepare(model)  # unsupported families fail here too
+        return model.eval().requires_grad_(False), tok
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     del cfg.quantization_config
     # Built for real (not on the meta device) so non-persistent buffers such as rotary

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import ActivationStats, TensorStats
+from .calibration import ActivationStats, TensorStats
 
 CRITERIA = ("absolute", "zscore", "iqr", "ratio")
 

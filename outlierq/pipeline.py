@@ -1,0 +1,110 @@
+"""The whole chain in one call: calibrate -> mitigate -> quantize, for the CLI, every script and
+users. In the spirit of llm-compressor's `oneshot`, with a short signature:
+
+    result = outlierq.compress(model, tok)                        # default recipe, per-token W8A8
+    result = outlierq.compress(model, tok, "smoothquant:alpha=0.8", W8A8(act="tensor"))
+    outlierq.export(result.model, "ckpt/", tok, recipe=result.recipe, stats=result.stats)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import ActivationStats, calibrate
+from .errors import OutlierqError
+from .mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from .mitigate.registry import lookup
+from .models.prepare import prepare
+from .quantize import LLMInt8, W8A8, quantize_
+
+# Split the largest down_proj input channels, then SmoothQuant with alpha searched per group for
+# the activation mode: the best row of results/ppl_smollm2-135m.md for both activation modes.
+DEFAULT_RECIPE = "split:ratio=4+smoothquant:alpha=search,act={act}"
+KEEP_ROWS = 256  # rows kept per Linear input when a mitigation searches on them
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which text calibrates, and how much of it."""
+    data: str = "wikitext2"        # built-in name (its calibration split) or a text file
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    keep_rows: int | None = None   # None: KEEP_ROWS if a mitigation needs rows, else 0
+
+    def __post_init__(self):
+        for k in ("samples", "seqlen", "batch_size"):
+            if getattr(self, k) < 1:
+                raise OutlierqError(f"calibration {k} must be at least 1, got {getattr(self, k)}")
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module                   # mitigated and (unless scheme=None) quantized, in place
+    recipe: list                       # the resolved mitigation configs
+    scheme: W8A8 | LLMInt8 | None
+    stats: ActivationStats             # statistics of the mitigated model
+    stats_before: ActivationStats      # as calibrated, before any mitigation
+    record: dict[str, Any] = field(default_factory=dict)  # provenance: recipe, alphas, timings
+
+
+def resolve_recipe(recipe: str | list | None, act: str = "token") -> list:
+    """A recipe from a list of configs, a spec string ("{act}" is the activation mode), "none"."""
+    if recipe is None or recipe == "none" or recipe == "":
+        return []
+    if isinstance(recipe, str):
+        return parse_recipe(recipe.format(act=act))
+    return list(recipe)
+
+
+def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,
+             scheme: W8A8 | LLMInt8 | None = W8A8(),
+             calibration: Calibration | torch.Tensor | ActivationStats = Calibration(),
+             progress: bool = True) -> CompressResult:
+    """Calibrate `model`, fold `recipe` into its weights and quantize it with `scheme`, in place.
+
+    calibration: a `Calibration` (needs `tokenizer`), token windows [S, L], or statistics already
+    taken on this model (kept rows included if the recipe searches). scheme=None: mitigate only."""
+    prepare(model)  # unsupported families fail here, before any work
+    act = scheme.act if isinstance(scheme, W8A8) else "token"
+    configs = resolve_recipe(recipe, act)
+    needs_rows = any(lookup(c).needs_rows(c) for c in configs)
+    t0 = time.perf_counter()
+    if isinstance(calibration, ActivationStats):
+        stats = calibration
+        stats.check_matches(model)
+        calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
+    else:
+        cal = calibration if isinstance(calibration, Calibration) else Calibration()
+        windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
+        keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
+        meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+        stats = calibrate(model, windows, batch_size=cal.batch_size, keep_rows=keep, seed=cal.seed,
+                          progress=progress, meta=meta)
+        calib_info = asdict(cal) if isinstance(calibration, Calibration) else {"windows": list(windows.shape)}
+    calib_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mitigated = mitigate(model, stats, configs)
+    if scheme is not None:
+        quantize_(model, scheme, mitigated, progress=progress)
+    record = {"recipe": recipe_to_list(configs), "scheme": asdict(scheme) if scheme is not None else None,
+              "calibration": calib_info, "calibrate_seconds": calib_s,
+              "mitigate_quantize_seconds": time.perf_counter() - t0,
+              **{k: mitigated.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
+                                                "split_channels", "expert_tokens") if k in mitigated.meta}}
+    return CompressResult(model, configs, scheme, mitigated, stats, record)
+
+
+def _windows(model: nn.Module, tokenizer, cal: Calibration) -> torch.Tensor:
+    from .data import calib_windows, check_seqlen, read_text, tokenize
+
+    if tokenizer is None:
+        raise OutlierqError("compress needs a tokenizer to read calibration text (or pass token "
+                            "windows / statistics as `calibration`)")
+    check_seqlen(model, cal.seqlen)
+    return calib_windows(tokenize(tokenizer, read_text(cal.data, "calib")), cal.samples, cal.seqlen, cal.seed)

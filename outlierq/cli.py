@@ -9,10 +9,7 @@ from pathlib import Path
 
 from .errors import OutlierqError
 
-# Default mitigation: split the down_proj outlier channels, then SmoothQuant with alpha searched
-# per group for the chosen activation mode -- the best row of results/ppl_smollm2-135m.md for both
-# per-token and per-tensor activations.
-DEFAULT_RECIPE = "split:ratio=4+smoothquant:alpha=search,act={act}"
+from .pipeline import DEFAULT_RECIPE
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -132,29 +129,19 @@ def _cmd_bench(a) -> None:
 
 
 def _prepare(a):
-    """Load, calibrate (or read stats), mitigate, quantize: shared by quantize/export/run."""
-    from . import calibrate, data, load_model
+    """Load, then outlierq.compress: calibrate (or read stats), mitigate, quantize."""
+    from . import load_model
     from .calibration import ActivationStats
-    from .mitigate.recipe import mitigate, parse_recipe
-    from .quantize import W8A8, quantize_
+    from .pipeline import Calibration, compress
+    from .quantize import W8A8
 
-    recipe = [] if a.recipe in ("", "none") else parse_recipe(a.recipe.format(act=a.act))
-    if a.stats:
-        stats = ActivationStats.load(a.stats)  # fail on a bad file before the slow model load
+    stats = ActivationStats.load(a.stats) if a.stats else None  # fail before the slow model load
+    calib = stats or Calibration(a.calib_data, a.samples, a.seqlen, a.seed, a.batch_size)
     model, tok = load_model(a.model, a.dtype)
-    if a.stats:
-        stats.check_matches(model)
-    else:
-        data.check_seqlen(model, a.seqlen)
-        ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
-        wins = data.calib_windows(ids, a.samples, a.seqlen, a.seed)
-        stats = calibrate(model, wins, batch_size=a.batch_size, keep_rows=256, seed=a.seed,
-                          meta={"data": a.calib_data})
-    mitigated = mitigate(model, stats, recipe)
-    if getattr(a, "format", "compressed-tensors") == "compressed-tensors":
-        token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
-        quantize_(model, W8A8(act=a.act, token_for=token_for), mitigated)
-    return model, tok, recipe, stats
+    token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
+    quantized = getattr(a, "format", "compressed-tensors") == "compressed-tensors"
+    result = compress(model, tok, a.recipe, W8A8(act=a.act, token_for=token_for) if quantized else None, calib)
+    return model, tok, result.recipe, result.stats
 
 
 def _cmd_quantize(a) -> None:

@@ -64,17 +64,24 @@ def resolve_recipe(recipe: str | list | None, act: str = "token") -> list:
 
 def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,
              scheme: W8A8 | LLMInt8 | None = W8A8(),
-             calibration: Calibration | torch.Tensor | ActivationStats = Calibration(),
+             calibration: Calibration | torch.Tensor | ActivationStats | None = Calibration(),
              progress: bool = True) -> CompressResult:
     """Calibrate `model`, fold `recipe` into its weights and quantize it with `scheme`, in place.
 
     calibration: a `Calibration` (needs `tokenizer`), token windows [S, L], or statistics already
-    taken on this model (kept rows included if the recipe searches). scheme=None: mitigate only."""
+    taken on this model (kept rows included if the recipe searches); None when neither the recipe
+    nor the scheme needs statistics. scheme=None: mitigate only."""
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
     needs_rows = any(lookup(c).needs_rows(c) for c in configs)
     t0 = time.perf_counter()
+    if calibration is None:
+        if configs or (isinstance(scheme, W8A8) and scheme.act == "tensor"):
+            raise OutlierqError("this recipe / static scheme needs calibration statistics")
+        if scheme is not None:
+            quantize_(model, scheme, None, progress=progress)
+        return CompressResult(model, [], scheme, None, None, {"recipe": [], "calibration": None})
     if isinstance(calibration, ActivationStats):
         stats = calibration
         stats.check_matches(model)

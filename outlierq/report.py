@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibration import ActivationStats, calibrate
 from .detection import CRITERIA, Criteria, OutlierReport, detect
-from .models.arch import decoder_layers, get_arch
+from .models.arch import ArchSpec, decoder_layers, get_arch
 from .provenance import atomic_dir, stamp
 
 MAX_COLS = 768      # heatmaps wider than this are max-pooled: figures stay readable
@@ -43,21 +43,22 @@ def _pool(mat: torch.Tensor, cols: int = MAX_COLS) -> tuple[torch.Tensor, int]:
     return m.view(mat.shape[0], -1, k).amax(2), k
 
 
-def _by_kind(stats: ActivationStats) -> dict[str, list[tuple[str, torch.Tensor]]]:
+def _by_kind(stats: ActivationStats, spec: ArchSpec) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Residual stream, then one entry per distinct Linear input of a layer (from the family's
+    ArchSpec: Linears fed by one norm read one tensor and are drawn once)."""
     out: dict[str, list] = {"residual stream": list((n, s.absmax) for n, s in stats.residual.items())}
-    for n, s in stats.inputs.items():
-        kind = n.rpartition(".")[2]
-        if kind in ("k_proj", "v_proj", "up_proj"):  # same input as q_proj / gate_proj
-            continue
-        out.setdefault(f"{kind} input", []).append((n, s.absmax))
-    out.pop("lm_head input", None)
+    n_layers = len(stats.residual)
+    for path, label in spec.input_kinds().items():
+        names = [f"{spec.layers}.{i}.{path}" for i in range(n_layers)]
+        if all(n in stats.inputs for n in names):
+            out[label] = [(n, stats.inputs[n].absmax) for n in names]
     return out
 
 
-def _heatmaps(sets: dict[str, ActivationStats], path: Path) -> None:
+def _heatmaps(sets: dict[str, ActivationStats], spec: ArchSpec, path: Path) -> None:
     plt = _plt()
-    kinds = list(_by_kind(next(iter(sets.values()))))
-    mats = {lbl: {k: torch.stack([a for _, a in v]) for k, v in _by_kind(s).items()}
+    kinds = list(_by_kind(next(iter(sets.values())), spec))
+    mats = {lbl: {k: torch.stack([a for _, a in v]) for k, v in _by_kind(s, spec).items()}
             for lbl, s in sets.items()}
     fig, axes = plt.subplots(len(kinds), len(sets), figsize=(6.5 * len(sets), 2.6 * len(kinds)),
                              squeeze=False)
@@ -82,15 +83,15 @@ def _heatmaps(sets: dict[str, ActivationStats], path: Path) -> None:
     plt.close(fig)
 
 
-def _boxplots(sets: dict[str, ActivationStats], path: Path) -> None:
+def _boxplots(sets: dict[str, ActivationStats], spec: ArchSpec, path: Path) -> None:
     plt = _plt()
-    kinds = ["residual stream", "q_proj input", "down_proj input"]
+    kinds = list(_by_kind(next(iter(sets.values())), spec))[:3]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(12, 3.0 * len(kinds)), squeeze=False)
     colors = ["tab:blue", "tab:orange"]
     for r, kind in enumerate(kinds):
         ax = axes[r][0]
         for c, (lbl, s) in enumerate(sets.items()):
-            data = _by_kind(s).get(kind)
+            data = _by_kind(s, spec).get(kind)
             if not data:
                 continue
             pos = [i + (c - (len(sets) - 1) / 2) * 0.35 for i in range(len(data))]
@@ -122,7 +123,7 @@ def _histograms(samples: dict[str, dict[str, torch.Tensor]], path: Path) -> None
         bins = torch.linspace(-lim, lim, 121).numpy()
         for lbl, s in samples.items():
             ax.hist(s[n].flatten().numpy(), bins=bins, log=True, histtype="step", lw=1.4, label=lbl)
-        ax.set_title(n.replace("model.layers.", "layer ").replace(".", " "), fontsize=9)
+        ax.set_title(n.replace("layers.", "layer ").replace(".", " "), fontsize=9)
         ax.set_xlabel("activation value")
         ax.set_ylabel("count (log)")
         ax.legend(fontsize=7)
@@ -248,11 +249,12 @@ def build_report(model: nn.Module, windows: torch.Tensor, out_dir: str | Path,
     res_peak = max(range(len(stats.residual)),
                    key=lambda i: list(stats.residual.values())[i].absmax.max().item())
     with atomic_dir(out_dir, overwrite=overwrite) as d:
-        _heatmaps(sets, d / "heatmap.png")
-        _boxplots(sets, d / "boxplots.png")
-        inputs = list(stats.inputs)
-        worst = max((n for n in inputs if n != "lm_head"), key=lambda n: stats.inputs[n].absmax.max())
-        chosen = list(dict.fromkeys([inputs[0], worst, [n for n in inputs if n != "lm_head"][-1]]))
+        spec = get_arch(model)
+        _heatmaps(sets, spec, d / "heatmap.png")
+        _boxplots(sets, spec, d / "boxplots.png")
+        inputs = [n for n in stats.inputs if n in stats.samples and n.startswith(spec.layers + ".")]
+        worst = max(inputs, key=lambda n: stats.inputs[n].absmax.max())
+        chosen = list(dict.fromkeys([inputs[0], worst, inputs[-1]]))
         _histograms({k: {n: s.samples[n] for n in chosen} for k, s in sets.items()},
                     d / "histograms.png")
         pca = _pca(model, windows[:4], res_peak, d / "pca.png", criteria.ratio)
@@ -264,13 +266,14 @@ def build_report(model: nn.Module, windows: torch.Tensor, out_dir: str | Path,
                 "pca": pca, "sqnr_db": sq,
                 # what the heatmaps draw (max-pooled like the figure), layer by layer
                 "heatmaps": {lbl: {k: _pool(torch.stack([a for _, a in v]))[0].tolist()
-                                   for k, v in _by_kind(s).items()} for lbl, s in sets.items()}}
+                                   for k, v in _by_kind(s, spec).items()} for lbl, s in sets.items()}}
         (d / "report.json").write_text(json.dumps(_round(data)))
-        (d / "index.html").write_text(_html(stats, reports, sq, pca))
+        shown = {n for v in _by_kind(stats, spec).values() for n, _ in v}
+        (d / "index.html").write_text(_html(stats, reports, sq, pca, shown))
     return Path(out_dir)
 
 
-def _html(stats: ActivationStats, reports: dict[str, OutlierReport], sq, pca) -> str:
+def _html(stats: ActivationStats, reports: dict[str, OutlierReport], sq, pca, shown: set[str]) -> str:
     e = html.escape
     rows = []
     for lbl, r in reports.items():
@@ -280,7 +283,7 @@ def _html(stats: ActivationStats, reports: dict[str, OutlierReport], sq, pca) ->
     first = next(iter(reports.values()))
     crit_rows = []
     for name, L in list(first.layers.items()):
-        if not name.endswith(("q_proj", "down_proj")) and "proj" in name:
+        if name not in shown:
             continue
         crit_rows.append("<tr><td>{}</td><td>{:.1f}</td><td>{:.2f}</td>{}</tr>".format(
             e(name), L["absmax"], L["median"],
@@ -307,7 +310,7 @@ IQR fence Q3 + {c.iqr_k}&middot;IQR, ratio to median &gt; {c.ratio}. All numbers
 <table><tr><th>layer</th><th>max |x|</th><th>sample</th><th>position</th><th>channel</th></tr>{tops}</table>
 <p>PCA at layer {pca['layer']}: {pca['outlier_tokens']} of {pca['tokens']} tokens are outliers; positions
 {e(str(pca['outlier_positions'][:20]))}.</p><img src="pca.png"><img src="histograms.png">
-<h2>Flagged channels per criterion (q_proj and down_proj inputs, residual stream)</h2>
+<h2>Flagged channels per criterion (each distinct Linear input, residual stream)</h2>
 <table><tr><th>tensor</th><th>max</th><th>median</th>{''.join(f'<th>{k}</th>' for k in CRITERIA)}</tr>{''.join(crit_rows)}</table>
 <h2>Quantization quality per layer</h2>
 <table><tr><th>model</th><th>mean SQNR (dB)</th><th>worst layer (dB)</th></tr>{sq_rows}</table>

@@ -3,7 +3,7 @@
     python scripts/study.py --model smollm2-135m --windows 16 [--full-best]
 
 Writes results/ppl_<model>.json and .md after every row (a partial run still leaves a table).
-Drives the library only: load_model -> calibrate -> mitigate -> quantize_ -> perplexity."""
+Drives the library only: load_model -> calibrate (once per text, cached) -> compress -> perplexity."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from outlierq import calibrate, load_model, perplexity
+from outlierq import calibrate, compress, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from outlierq.mitigate.recipe import parse_recipe, recipe_to_list
 from outlierq.provenance import git_sha, stamp, write_json, write_text
-from outlierq.quantize import LLMInt8, W8A8, quantize_
+from outlierq.quantize import LLMInt8, W8A8
 
 # (label, recipe, quantizer). The recipe's alpha search scores for the same activation mode.
 ROWS = [
@@ -111,10 +111,8 @@ def main() -> None:
         if recipe or (isinstance(q, W8A8) and q.act == "tensor"):
             stats, calib_s = stats_for(data)
         t0 = time.perf_counter()
-        if recipe:
-            stats = mitigate(m, stats, recipe)
-        if q is not None:
-            quantize_(m, q, stats, progress=False)
+        res = compress(m, tok, recipe, q, stats, progress=False)
+        stats = res.stats
         prep_s = time.perf_counter() - t0
         r = perplexity(m, ids, 2048, windows)
         row = {"label": label, "act": act, "recipe": recipe_to_list(recipe), "calib_data": data

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from outlierq import calibrate
@@ -52,3 +53,15 @@ def test_report_builds_from_tiny_model(tmp_path):
     before, after = data["sqnr_db"]["before"], data["sqnr_db"]["after smoothquant"]
     q = "model.layers.0.self_attn.q_proj"
     assert after[q] > before[q]  # smoothing the planted channels helps this layer
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("family", ["OPTForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel",
+                                    "Olmo2ForCausalLM"])
+def test_report_builds_for_other_layouts(family, tmp_path):
+    """Linear kinds come from the family's ArchSpec (OPT crashed on Llama names before)."""
+    model = tiny_model(family, outliers=True)
+    out = build_report(model, token_batch(2, 16), tmp_path / "rep", [SmoothQuant(0.5)],
+                       keep_rows=16, progress=False)
+    kinds = json.loads((out / "report.json").read_text())["heatmaps"]["before"]
+    assert "residual stream" in kinds and len(kinds) >= 3

@@ -118,3 +118,23 @@ def family(request):
 def token_batch(n: int = 4, seqlen: int = 32, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+def char_tokenizer(vocab: int = 128):
+    """A character-level fast tokenizer whose ids fit a tiny model's vocabulary, so the CLI can
+    read real calibration text with tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = {chr(32 + i): i + 3 for i in range(vocab - 3)}
+    t = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "<unk>": 2, **chars}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>")
+
+
+def tiny_model_dir(path, family: str, **over):
+    """A tiny model of `family` with planted outliers and a character tokenizer, saved to `path`."""
+    tiny_model(family, outliers=True, **over).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

@@ -156,3 +156,19 @@ def test_state_bytes_counts_tied_tensors_once():
     unique = {p.data_ptr(): p for p in m.parameters()}
     assert state_bytes(m) == sum(p.numel() * 4 for p in unique.values()) + sum(
         b.numel() * b.element_size() for n, b in m.named_buffers() if n in m.state_dict())
+
+
+def test_layer_scoped_groups_reload(tmp_path):
+    """token_for=("model.layers.0.*",) once exported two groups with identical targets, which
+    load then rejected: quantize_ and export now share one matcher and groups are disjoint."""
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    q = quantize_(model, W8A8(act="tensor", token_for=("model.layers.0.*",)), stats, progress=False)
+    out = export(q, tmp_path / "ckpt")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    targets = [set(g["targets"]) for g in groups.values()]
+    assert len(targets) == 2 and not targets[0] & targets[1]
+    back, _ = load(out)
+    assert back.model.layers[0].mlp.up_proj.act == "token" and back.model.layers[1].mlp.up_proj.act == "tensor"
+    assert torch.equal(back(input_ids=x).logits, q(input_ids=x).logits)

@@ -60,3 +60,32 @@ def test_static_model_runs_with_calibrated_scales():
     want = stats.inputs["model.layers.0.self_attn.q_proj"].absmax.max() / 127
     torch.testing.assert_close(m.input_scale, want.reshape(1))
     assert _sqnr_db(model(input_ids=x).logits, q(input_ids=x).logits) > 15
+
+
+def test_stale_or_foreign_statistics_are_refused():
+    """Statistics taken before a mitigation changed the weights (same shapes or not), or on
+    another model of the same shapes, give wrong static scales: quantize_ refuses them."""
+    from outlierq.mitigate.recipe import mitigate
+    from outlierq.mitigate.smoothquant import SmoothQuant
+    from outlierq.mitigate.split import ChannelSplit
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    for recipe, msg in (([SmoothQuant(0.5)], "stale"), ([ChannelSplit(0.1, 2.0)], "input channels")):
+        m = copy.deepcopy(model)
+        fresh = mitigate(m, stats, recipe)
+        with pytest.raises(OutlierqError, match=msg):
+            quantize_(copy.deepcopy(m), W8A8(act="tensor"), stats, progress=False)
+        quantize_(m, W8A8(act="tensor"), fresh, progress=False)  # the returned stats are fine
+    other = tiny_model("LlamaForCausalLM", seed=1)
+    with pytest.raises(OutlierqError, match="stale"):
+        quantize_(other, W8A8(act="tensor"), stats, progress=False)
+    quantize_(other, W8A8(act="tensor"), stats, progress=False, check_stats=False)  # explicit override
+
+
+def test_token_for_typo_is_an_error():
+    model = tiny_model("LlamaForCausalLM")
+    stats = calibrate(model, token_batch(2, 16), progress=False)
+    with pytest.raises(OutlierqError, match="matches no quantizable Linear"):
+        quantize_(model, W8A8(act="tensor", token_for=("*dwn_proj",)), stats, progress=False)

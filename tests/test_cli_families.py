@@ -1,0 +1,48 @@
+"""The CLI on tiny models of other families: quantize -> a checkpoint transformers loads, whose
+logits match outlierq's own int8 model within int8 noise."""
+import json
+
+import pytest
+import torch
+
+from outlierq.cli import main
+from outlierq.checkpoint import load
+from conftest import tiny_model_dir
+
+QUICK = ["--samples", "4", "--seqlen", "32", "--batch-size", "2"]
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("family", ["MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2MoeForCausalLM"])
+def test_quantize_cli_then_transformers_loads(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(tmp_path / "src", family)
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(src), "--out", str(out)] + QUICK) == 0
+    x = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours, _ = load(out)
+    ref = ours(input_ids=x).logits
+    hf = AutoModelForCausalLM.from_pretrained(out)(input_ids=x).logits
+    assert ((hf - ref).norm() / ref.norm()).item() < 0.2
+    chosen = json.loads((out / "outlierq.json").read_text())["chosen"]
+    assert all(a is None or 0 <= a <= 1 for a in chosen["smoothquant_alpha"].values())
+
+
+@pytest.mark.parametrize("over, note", [
+    (dict(activation_function="gelu"), "not positively homogeneous"),
+    (dict(layer_norm_elementwise_affine=False), "without weights"),
+])
+def test_opt_layouts_run_with_a_notice(over, note, tmp_path, capsys):
+    """Galactica-style GeLU OPT used to change the logits silently; non-affine LayerNorms used to
+    crash in weight surgery. Now: the foldable part is applied, the rest named in a notice."""
+    src = tiny_model_dir(tmp_path / "src", "OPTForCausalLM", **over)
+    with pytest.warns(UserWarning, match=note):
+        rc = main(["export", "--model", str(src), "--format", "fp", "--recipe", "smoothquant:alpha=0.5",
+                   "--out", str(tmp_path / "fp")] + QUICK)
+    assert rc == 0
+    from transformers import AutoModelForCausalLM
+    x = torch.randint(3, 128, (2, 24))
+    before = AutoModelForCausalLM.from_pretrained(src)(input_ids=x).logits
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "fp")(input_ids=x).logits
+    assert ((after - before).norm() / before.norm()).item() < 1e-5

@@ -1,4 +1,5 @@
 """Calibration overhead: time plain forward passes and `calibrate` over the same token windows.
+(It times the calibration step itself, so it calls `calibrate`, not the whole `compress`.)
 
     python scripts/calib_overhead.py --model smollm2-135m --samples 128 --seqlen 512
 

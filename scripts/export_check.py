@@ -9,18 +9,17 @@ window. Writes results/export_<model>_<act>.json and .md. Drives the library onl
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 import outlierq
-from outlierq import calibrate, load_model, perplexity
-from outlierq.data import calib_windows, read_text, tokenize
+from outlierq import Calibration, compress, load_model, perplexity
 from outlierq.checkpoint import dir_mb, state_bytes
-from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from outlierq.data import read_text, tokenize
+from outlierq.mitigate.recipe import recipe_to_list
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import W8A8, quantize_
+from outlierq.quantize import W8A8
 
 
 @torch.no_grad()
@@ -57,13 +56,8 @@ def main() -> None:
     first = ids[:2048]
     fp = perplexity(model, ids, 2048, a.windows)
     fp_logits = _logits(model, first)
-    wins = calib_windows(tokenize(tok, read_text("wikitext2", "calib")), a.samples, a.seqlen, a.seed)
-    t0 = time.perf_counter()
-    stats = calibrate(model, wins, keep_rows=256, seed=a.seed, meta={"data": "wikitext2"})
-    calib_s = time.perf_counter() - t0
-    recipe = parse_recipe(a.recipe.format(act=a.act))
-    mitigated = mitigate(model, stats, recipe)
-    quantize_(model, W8A8(act=a.act), mitigated)
+    res = compress(model, tok, a.recipe, W8A8(act=a.act), Calibration("wikitext2", a.samples, a.seqlen, a.seed))
+    calib_s, recipe, stats = res.record["calibrate_seconds"], res.recipe, res.stats
     mem = perplexity(model, ids, 2048, a.windows)
     ref = _logits(model, first)
     outlierq.export(model, ckpt, tok, "compressed-tensors", recipe, stats, overwrite=True)

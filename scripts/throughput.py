@@ -12,11 +12,10 @@ import copy
 import statistics
 from pathlib import Path
 
-from outlierq import calibrate, load_model, perplexity
+from outlierq import calibrate, compress, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.mitigate.recipe import mitigate, parse_recipe
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import LLMInt8, W8A8, quantize_
+from outlierq.quantize import LLMInt8, W8A8
 
 
 def main() -> None:
@@ -29,15 +28,14 @@ def main() -> None:
     model, tok = load_model(a.model)
     ids = tokenize(tok, read_text("wikitext2", "eval"))
     stats = calibrate(model, calib_windows(tokenize(tok, read_text("wikitext2", "calib")), 16, 512),
-                      progress=False)
-    sq = copy.deepcopy(model)
-    sq_stats = mitigate(sq, stats, parse_recipe("smoothquant:alpha=0.5"))
+                      progress=False)  # once, shared by every form
     forms = {"FP32": model}
     for label, cfg in (("W8A8 token (int8 GEMM)", W8A8(act="token")),
                        ("W8A8 tensor (int8 GEMM)", W8A8(act="tensor")),
                        ("W8A8 token fake-quant (dequantize + fp32 matmul)", W8A8(act="token", fake=True)),
                        ("LLM.int8 (bitsandbytes)", LLMInt8())):
-        forms[label] = quantize_(copy.deepcopy(sq), cfg, sq_stats, progress=False)
+        forms[label] = compress(copy.deepcopy(model), tok, "smoothquant:alpha=0.5", cfg, stats,
+                                progress=False).model
     tps: dict[str, list[float]] = {k: [] for k in forms}
     for _ in range(a.repeats):
         for k, m in forms.items():

@@ -78,8 +78,13 @@ def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit) -> 
             return torch.cat([w, w[extra], w.new_zeros(pad, *w.shape[1:])])
 
         up = resolve(layer, mlp.up)
-        surgery.set_module(layer, mlp.up, surgery.new_linear(
-            rows(up.weight, True), None if up.bias is None else rows(up.bias, True), up))
+        if mlp.fused:  # one Linear holds [gate | up] rows: split both halves, keep the order
+            g, u = up.weight.chunk(2)
+            weight = torch.cat([rows(g, False), rows(u, True)])
+            bias = None if up.bias is None else torch.cat([rows(b, d) for b, d in zip(up.bias.chunk(2), (False, True))])
+        else:
+            weight, bias = rows(up.weight, True), None if up.bias is None else rows(up.bias, True)
+        surgery.set_module(layer, mlp.up, surgery.new_linear(weight, bias, up))
         if mlp.gate:
             gate = resolve(layer, mlp.gate)
             surgery.set_module(layer, mlp.gate, surgery.new_linear(

@@ -51,6 +51,7 @@ class MLPSpec:
     gate: str | None           # gated MLPs: rows copied unscaled (act(gate) * up is linear in up)
     down: str                  # columns copied
     size_attr: str             # config field holding the intermediate size
+    fused: bool = False        # `up` holds [gate | up] rows in one Linear (Phi-3's gate_up_proj)
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,8 @@ def _phi3(cfg) -> ArchSpec:
                           _vo(lambda c: (heads + kv) * hd)),
                LinearPair("mlp.gate_up_proj", "mlp.down_proj", "mlp", _second_half("intermediate_size"))),
         writers=_LLAMA_WRITERS, act=cfg.hidden_act,
-        notes=("fused gate_up_proj: no channel split (the split would have to grow both halves "
-               "of one Linear; not implemented)",))
+        mlp=MLPSpec(up="mlp.gate_up_proj", gate=None, down="mlp.down_proj",
+                    size_attr="intermediate_size", fused=True))
 
 
 def _moe(cfg, family: str, ckpt: str, names: tuple[str, str, str], router_ckpt: str,

@@ -7,7 +7,7 @@ from outlierq import calibrate
 from outlierq.detection import Criteria, detect, flags
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.report import build_report
-from conftest import tiny_model, token_batch
+from conftest import FAMILIES, tiny_model, token_batch
 
 
 def test_criteria_on_hand_computed_cases():
@@ -56,9 +56,8 @@ def test_report_builds_from_tiny_model(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
-@pytest.mark.parametrize("family", ["OPTForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel",
-                                    "Olmo2ForCausalLM"])
-def test_report_builds_for_other_layouts(family, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_report_builds_for_every_family(family, tmp_path):
     """Linear kinds come from the family's ArchSpec (OPT crashed on Llama names before)."""
     model = tiny_model(family, outliers=True)
     out = build_report(model, token_batch(2, 16), tmp_path / "rep", [SmoothQuant(0.5)],

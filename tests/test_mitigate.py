@@ -154,3 +154,30 @@ def test_recipe_roundtrip_and_errors(tmp_path):
     with pytest.raises(OutlierqError, match="keep_rows"):
         model = tiny_model("LlamaForCausalLM")
         mitigate(model, calibrate(model, token_batch(1, 8), progress=False), [SmoothQuant(None)])
+
+
+LAYOUTS = [  # config switches that change which norm feeds what, or the fused qkv row layout
+    ("OPTForCausalLM", dict(activation_function="gelu")),
+    ("OPTForCausalLM", dict(layer_norm_elementwise_affine=False)),
+    ("OPTForCausalLM", dict(do_layer_norm_before=False)),
+    ("StableLmForCausalLM", dict(use_parallel_residual=True)),
+    ("GPTNeoXForCausalLM", dict(use_parallel_residual=False)),
+    ("FalconForCausalLM", dict(multi_query=False)),
+    ("FalconForCausalLM", dict(parallel_attn=False)),
+    ("FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    ("FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)),
+    ("GPT2LMHeadModel", dict(activation_function="relu")),
+]
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("family, over", LAYOUTS, ids=[f"{f}-{'-'.join(o)}" for f, o in LAYOUTS])
+def test_layout_variants_preserve_function(family, over):
+    model = tiny_model(family, outliers=True, **over)
+    x = token_batch(2, 24)
+    stats = calibrate(model, x, keep_rows=32, progress=False)
+    ref = model(input_ids=x).logits
+    for recipe in ([SmoothQuant(0.5)], [SmoothQuant(None)], [ChannelSplit(0.1, 2.0)]):
+        m = copy.deepcopy(model)
+        mitigate(m, stats, recipe)
+        assert _preserved(model, m, x, ref, recipe), recipe

@@ -60,7 +60,7 @@ def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit) -> 
         return stats
     layers = decoder_layers(model, spec)
     cfg_text = text_config(model)
-    size = getattr(cfg_text, mlp.size_attr)
+    size = resolve(layers[0], mlp.down).in_features  # (GPT-2's n_inner may be None: 4 * n_embd)
     budget = max(1, math.floor(cfg.expand * size))
     plans = [split_plan(stats.input_absmax(f"{spec.layers}.{i}.{mlp.down}"), budget, cfg.ratio)
              for i in range(len(layers))]

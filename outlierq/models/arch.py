@@ -135,7 +135,8 @@ def _vo_interleaved(cfg) -> torch.Tensor:
 
 def _vo_falcon_grouped(cfg) -> torch.Tensor:
     """Falcon's new decoder architecture: per KV group [q_1..q_n | k | v] blocks."""
-    heads, kv, hd = _heads(cfg)
+    heads, _, hd = _heads(cfg)
+    kv = cfg.num_kv_heads
     n = heads // kv
     c = torch.arange(heads * hd)
     return (c // hd) // n * (n + 2) * hd + (n + 1) * hd + c % hd

@@ -1,11 +1,14 @@
 """Text for calibration and evaluation, and the token windows cut from it.
 
-Built-in names resolve to ../shared/data (or $OUTLIERQ_DATA_DIR) with SHA256SUMS verified; where
-neither exists, WikiText-2 falls back to HF `datasets` for users with a network."""
+Built-in names resolve, in order, to $OUTLIERQ_DATA_DIR (an error if set but missing),
+../shared/data beside the repository, or the xz-compressed copies shipped in outlierq/texts/, so a
+clone anywhere works offline. Every file read is checked against its folder's SHA256SUMS; a file
+the list does not name is an error."""
 from __future__ import annotations
 
 import functools
 import hashlib
+import lzma
 import os
 from pathlib import Path
 
@@ -18,67 +21,69 @@ BUILTIN_TEXT = {
     "wikitext2": {"eval": "wikitext2/test.raw.txt", "calib": "wikitext2/valid.tokens.txt"},
     "tinyshakespeare": {"eval": "tinyshakespeare/input.txt", "calib": "tinyshakespeare/input.txt"},
 }
+PACKAGED = Path(__file__).resolve().parent / "texts"
 
 
-def data_dir() -> Path | None:
-    candidates = []
-    if os.environ.get("OUTLIERQ_DATA_DIR"):
-        candidates.append(Path(os.environ["OUTLIERQ_DATA_DIR"]))
+def data_dir() -> Path:
+    """The folder built-in texts come from (see the module doc for the order)."""
+    env = os.environ.get("OUTLIERQ_DATA_DIR")
+    if env:
+        if not (Path(env) / "SHA256SUMS").is_file():
+            raise OutlierqError(f"OUTLIERQ_DATA_DIR={env} has no SHA256SUMS (missing or not a data "
+                                "folder); fix the path or unset it to use the texts shipped with outlierq")
+        return Path(env)
     repo = Path(__file__).resolve().parents[1]
-    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                   Path.cwd() / "shared" / "data"]
-    for c in candidates:
-        if (c / "SHA256SUMS").exists():
+    for c in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if (c / "SHA256SUMS").is_file():
             return c
-    return None
+    return PACKAGED
 
 
 @functools.lru_cache(maxsize=None)
-def _verify(root: Path, rel: str) -> None:
+def _sums(root: Path) -> dict[str, str]:
     sums = {}
     for line in (root / "SHA256SUMS").read_text().splitlines():
         parts = line.split()
         if len(parts) == 2:
             sums[parts[1].lstrip("*").removeprefix("./")] = parts[0]
-    want = sums.get(rel)
+    return sums
+
+
+def _read_verified(root: Path, rel: str) -> bytes:
+    """The bytes of `rel` (or of its shipped .xz copy), checked against root/SHA256SUMS."""
+    want = _sums(root).get(rel)
     if want is None:
-        return
-    got = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-    if got != want:
-        raise OutlierqError(f"{root / rel} fails its SHA256SUMS check; restore the original file")
-
-
-def _from_hf_datasets(name: str, purpose: str) -> str:
-    try:
-        import datasets  # optional: only for users with a network
-    except ImportError:
-        raise OutlierqError(
-            f"built-in text {name!r} not found: put the shared data folder at ../shared/data "
-            "(beside the repo) or set OUTLIERQ_DATA_DIR to it (or pip install datasets, online)"
-        ) from None
-    split = "test" if purpose == "eval" else "validation"
-    rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-    return "\n\n".join(rows)
+        raise OutlierqError(f"{root / rel} is not listed in {root / 'SHA256SUMS'}; refusing an "
+                            "unverifiable text (add its checksum or restore the original folder)")
+    path = root / rel
+    if not path.is_file() and (root / f"{rel}.xz").is_file():
+        path = root / f"{rel}.xz"
+    if not path.is_file():
+        raise OutlierqError(f"{root / rel} is missing from the data folder {root}")
+    raw = path.read_bytes()
+    if path.suffix == ".xz":
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError as e:
+            raise OutlierqError(f"{path} is damaged ({e}); reinstall outlierq") from None
+    if hashlib.sha256(raw).hexdigest() != want:
+        raise OutlierqError(f"{path} fails its SHA256SUMS check (truncated or altered); restore "
+                            "the original file")
+    return raw
 
 
 def read_text(spec: str, purpose: str = "eval") -> str:
     """Text of a built-in dataset (`wikitext2`, `tinyshakespeare`) or of a UTF-8 file."""
     if spec in BUILTIN_TEXT:
         root = data_dir()
-        rel = BUILTIN_TEXT[spec][purpose]
-        if root is None or not (root / rel).exists():
-            if spec == "wikitext2":
-                return _from_hf_datasets(spec, purpose)
-            raise OutlierqError(f"built-in text {spec!r} not found: put the shared data folder at "
-                                "../shared/data or set OUTLIERQ_DATA_DIR")
-        _verify(root, rel)
-        path = root / rel
+        path = root / BUILTIN_TEXT[spec][purpose]
+        raw = _read_verified(root, BUILTIN_TEXT[spec][purpose])
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise OutlierqError(f"data {spec!r} is neither a built-in name "
                                 f"({', '.join(BUILTIN_TEXT)}) nor a readable file")
-    raw = path.read_bytes()
+        raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise OutlierqError(f"{path} looks binary (NUL bytes); pass a UTF-8 text file")
     try:

@@ -86,6 +86,20 @@ def _pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _check_memory(shapes: list[tuple[int, int]], dtypes: list[str], device: str) -> None:
+    """Refuse shapes that cannot fit before allocating anything: each measurement holds the input,
+    an fp32 copy and the int8 codes (about 9 bytes per element for fp32 inputs)."""
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for m, n in shapes:
+        need = m * n * (4 + 4 + 1) * (2 if any(d != "fp32" for d in dtypes) else 1)
+        if need > 0.8 * free:
+            raise OutlierqError(f"shape {m}x{n} needs about {need / 2**30:.1f} GiB; {free / 2**30:.1f} "
+                                f"GiB are free on {device}: choose smaller --shapes")
+
+
 def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
                   out_dir: str | Path, budget_s: float = 1.0) -> list[dict]:
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,6 +107,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
     for o in ops_:
         if o not in OPS:
             raise OutlierqError(f"unknown op {o!r}; choose from {', '.join(OPS)}")
+    _check_memory(shapes, dtypes, device)
     backends = ["eager", "torch"] + (["triton"] if device == "cuda" or
                                      os.environ.get("TRITON_INTERPRET") == "1" else [])
     peak = measured_peak_gbps(device)

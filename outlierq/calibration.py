@@ -179,6 +179,17 @@ class ActivationStats:
                                 "use the statistics mitigate() returned, or recalibrate")
 
 
+def is_stats_file(path: str | Path) -> bool:
+    """A statistics file outlierq wrote (safetensors with outlierq metadata)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "outlierq" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001  (any unreadable file is simply not ours)
+        return False
+
+
 def expected_inputs(model: nn.Module, spec: ArchSpec | None = None) -> dict[str, int]:
     """Every input calibration records -> its channel count: the decoder layers' Linears, the
     output head, and for MoE layers the experts' shared input and each expert's down input."""

@@ -27,7 +27,7 @@ from torch import nn
 from .calibration import ActivationStats
 from .detection import detect
 from .errors import OutlierqError
-from .provenance import atomic_dir, stamp
+from .provenance import atomic_dir, check_target, output_files, stamp
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
 from .quantize import Int8Experts, Int8Linear, expert_names, matches
@@ -202,12 +202,15 @@ def _sha256(path: Path) -> str:
 def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "compressed-tensors",
            recipe: list | None = None, stats: ActivationStats | None = None,
            overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD,
-           extra: dict | None = None, expert_format: str = "pack-quantized") -> Path:
+           extra: dict | None = None, expert_format: str = "pack-quantized",
+           inputs: tuple = ()) -> Path:
     """Write `model` (mitigated; quantized for compressed-tensors) to `out_dir`; returns it.
 
     expert_format: how int8 MoE experts are stored. "pack-quantized" (codes packed into int32,
     compressed-tensors' packed layout) is the one transformers 5 can load into its fused experts;
-    "int-quantized" (plain int8 per expert) is the layout of llm-compressor's W8A8 MoE checkpoints."""
+    "int-quantized" (plain int8 per expert) is the layout of llm-compressor's W8A8 MoE checkpoints.
+    `out_dir` is refused if it is not new/empty, or (with overwrite) an earlier outlierq checkpoint,
+    or if it holds one of `inputs` (e.g. the model directory)."""
     from .mitigate.recipe import recipe_to_list
 
     spec = get_arch(model)  # unsupported families fail here, with one line
@@ -216,8 +219,7 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
     if fmt not in FORMATS:
         raise OutlierqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutlierqError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_target(out, "checkpoint", overwrite, inputs)
     quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))]
     if fmt == "fp" and quantized:
         raise OutlierqError("format 'fp' writes the unquantized model; export before quantize_")
@@ -230,7 +232,7 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
             kept_float += [f"{spec.layers}.{i}.{spec.experts.router_ckpt}"
                            for i in range(len(decoder_layers(model, spec)))]
         config.quantization_config = _quantization_config(model, kept_float, expert_format)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, "checkpoint", overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -249,7 +251,7 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
             # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
             info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
         (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = output_files(tmp)
         (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
     return out
 
@@ -277,17 +279,28 @@ def summarize(stats: ActivationStats, top: int = 20) -> dict[str, Any]:
 
 
 def verify(path: str | Path) -> None:
-    """Check every file against SHA256SUMS; a missing, truncated or altered file is an error."""
+    """An export is exactly the files its SHA256SUMS lists, each with its checksum: a missing,
+    extra, renamed, truncated or altered file, or a malformed manifest, is an error naming it."""
     d = Path(path)
     man = d / MANIFEST
-    if not man.exists():
+    if not man.is_file():
         raise OutlierqError(f"{d} has no {MANIFEST}; not an outlierq export (or it was altered)")
-    for line in man.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
+    listed: dict[str, str] = {}
+    for i, line in enumerate(man.read_text(errors="replace").splitlines(), 1):
+        m = re.fullmatch(r"([0-9a-f]{64})  ([^/\\]+)", line)
+        if not m or m.group(2) in (".", "..", MANIFEST) or m.group(2) in listed:
+            raise OutlierqError(f"{man} line {i} is malformed ({line[:60]!r}); re-export the checkpoint")
+        listed[m.group(2)] = m.group(1)
+    present = {p.name for p in d.iterdir() if p.name != MANIFEST}
+    extra, missing = sorted(present - listed.keys()), sorted(listed.keys() - present)
+    if missing:
+        raise OutlierqError(f"{d / missing[0]} is listed in {MANIFEST} but missing")
+    if extra:
+        raise OutlierqError(f"{d / extra[0]} is not in {MANIFEST}: an export holds exactly its listed "
+                            "files; remove it or re-export")
+    for name, digest in listed.items():
         f = d / name
-        if not f.exists():
-            raise OutlierqError(f"{f} is listed in {MANIFEST} but missing")
-        if _sha256(f) != digest:
+        if not f.is_file() or _sha256(f) != digest:
             raise OutlierqError(f"{f} fails its checksum (truncated or altered); re-export it")
 
 
@@ -303,7 +316,7 @@ def load(path: str | Path, device: str = "cpu"):
     qc = getattr(cfg, "quantization_config", None)
     tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").exists() else None
     if qc is None:
-        model = AutoModelForCausalLM.from_pretrained(d)
+        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True)
         prepare(model)  # unsupported families fail here too
         return model.eval().requires_grad_(False), tok
     qc = qc if isinstance(qc, dict) else qc.to_dict()

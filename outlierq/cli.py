@@ -4,12 +4,42 @@ Bad input raises OutlierqError, printed as one line; exit code 2, nothing writte
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from .errors import OutlierqError
-
 from .pipeline import DEFAULT_RECIPE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (and exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An int flag that must be >= minimum, checked before any work."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
+def _thresholds(v: str) -> list[float]:
+    try:
+        out = [float(t) for t in v.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r}: write comma-separated numbers, e.g. 6,20,100") from None
+    if not out or any(not t > 0 or t != t or t == float("inf") for t in out):
+        raise argparse.ArgumentTypeError(f"{v!r}: thresholds must be finite numbers > 0")
+    return out
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -21,30 +51,33 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser, data_flag: str = "--data") -> None:
     p.add_argument(data_flag, default="wikitext2", dest="calib_data",
                    help="calibration text: wikitext2 (its validation split), tinyshakespeare, or a file")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=_count(1), default=128)
+    p.add_argument("--seqlen", type=_count(2), default=512)
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--batch-size", type=_count(1), default=8)
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="outlierq", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="outlierq", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("calibrate", help="record per-channel activation statistics")
     _add_model(p)
     _add_calib(p)
-    p.add_argument("--thresholds", default="6,20,100", help="comma-separated |x| thresholds to count")
-    p.add_argument("--keep-rows", type=int, default=0,
+    p.add_argument("--thresholds", type=_thresholds, default=[6.0, 20.0, 100.0],
+                   help="comma-separated |x| thresholds to count")
+    p.add_argument("--keep-rows", type=_count(0), default=0,
                    help="also keep this many activation rows per Linear (for --alpha search)")
-    p.add_argument("--out", default="stats.safetensors")
+    p.add_argument("--out", default="stats.safetensors",
+                   help="statistics file (replaces only an earlier outlierq statistics file)")
 
     p = sub.add_parser("ppl", help="perplexity on WikiText-2 test (standard protocol)")
     _add_model(p)
     p.add_argument("--data", default="wikitext2")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
-    p.add_argument("--out", default=None, help="JSON record (default results/ppl_cli_<model>.json)")
+    p.add_argument("--seqlen", type=_count(2), default=2048)
+    p.add_argument("--windows", type=_count(1), default=None, help="first N windows (default: all)")
+    p.add_argument("--out", default=None, help="JSON record (default results/ppl_cli_<model>.json; "
+                                               "replaces only an earlier outlierq record)")
 
     for cmd, fmt_help in (("quantize", "mitigate + W8A8-quantize + export a checkpoint"),
                           ("export", "mitigate (+ quantize) and export a checkpoint")):
@@ -60,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="with --act tensor: comma-separated Linear names kept per-token "
                             "dynamic, e.g. down_proj")
         p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
+        p.add_argument("--force-stats", action="store_true",
+                       help="use --stats even if they were taken on other weights (risk: static "
+                            "scales and smoothing factors that do not fit this model)")
         p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp"])
         p.add_argument("--out", required=True, help="checkpoint directory")
         p.add_argument("--overwrite", action="store_true")
@@ -70,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_calib(p, "--calib-data")
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
     p.add_argument("--act", choices=["token", "tensor"], default="token")
-    p.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
+    p.add_argument("--windows", type=_count(1), default=8, help="perplexity windows of 2048 tokens")
     p.add_argument("--out", default=None, help="default outlierq-out/<model>-w8a8-<act>")
     p.add_argument("--overwrite", action="store_true")
 
@@ -85,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
-    b = bsub.add_parser("kernels", help="op backends vs naive torch eager: time, GB/s, % of peak")
+    b = bsub.add_parser("kernels", help="op backends vs naive torch eager: time, GB/s, %% of peak")
     b.add_argument("--ops", default="channel_stats,quant_token,quant_tensor")
     b.add_argument("--shapes", default="2048x576,8192x4096,16384x8192")
     b.add_argument("--dtypes", default="fp32,bf16")
@@ -101,7 +137,7 @@ def _cmd_report(a) -> None:
     from .mitigate.recipe import parse_recipe
     from .report import build_report
 
-    _check_out(a.out, a.overwrite)
+    _check_out(a, "report")
     recipe = parse_recipe(a.recipe) if a.recipe else None
     stats = ActivationStats.load(a.stats) if a.stats else None
     model, tok = load_model(a.model, a.dtype)
@@ -132,24 +168,26 @@ def _prepare(a):
     """Load, then outlierq.compress: calibrate (or read stats), mitigate, quantize."""
     from . import load_model
     from .calibration import ActivationStats
-    from .pipeline import Calibration, compress
+    from .pipeline import Calibration, compress, resolve_recipe
     from .quantize import W8A8
 
-    stats = ActivationStats.load(a.stats) if a.stats else None  # fail before the slow model load
+    recipe = resolve_recipe(a.recipe, a.act)  # bad recipes and stats files fail before the model load
+    stats = ActivationStats.load(a.stats) if a.stats else None
     calib = stats or Calibration(a.calib_data, a.samples, a.seqlen, a.seed, a.batch_size)
     model, tok = load_model(a.model, a.dtype)
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     quantized = getattr(a, "format", "compressed-tensors") == "compressed-tensors"
-    result = compress(model, tok, a.recipe, W8A8(act=a.act, token_for=token_for) if quantized else None, calib)
+    result = compress(model, tok, recipe, W8A8(act=a.act, token_for=token_for) if quantized else None,
+                      calib, check_stats=not getattr(a, "force_stats", False))
     return model, tok, result.recipe, result.stats
 
 
 def _cmd_quantize(a) -> None:
     from .checkpoint import dir_mb, export
 
-    _check_out(a.out, a.overwrite)
+    _check_out(a, "checkpoint")
     model, tok, recipe, stats = _prepare(a)
-    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite)
+    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a))
     print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
@@ -161,8 +199,11 @@ def _cmd_run(a) -> None:
     from .checkpoint import dir_mb, export, state_bytes, summarize
     from .provenance import stamp, write_json
 
+    from .provenance import check_file_target, is_record
+
     a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
-    _check_out(a.out, a.overwrite)
+    _check_out(a, "checkpoint")
+    check_file_target(f"{a.out}.json", "record", is_record)
     a.format, a.stats = "compressed-tensors", None
     fp_model, tok = load_model(a.model, a.dtype)
     ids = data.tokenize(tok, data.read_text("wikitext2", "eval"))
@@ -176,7 +217,8 @@ def _cmd_run(a) -> None:
         for r in rows:
             print(f"outlier  {kind:13s} {r['layer']:32s} channel {r['channel']:5d}  "
                   f"max|x| {r['absmax']:9.1f}  ({r['absmax'] / max(r['median_channel_absmax'], 1e-9):.0f}x median)")
-    out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite)
+    out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite,
+                 inputs=_inputs(a))
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
@@ -191,16 +233,25 @@ def _cmd_run(a) -> None:
           f"in {fp_dtype})")
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-        raise OutlierqError(f"{p} exists and is not empty; pass --overwrite to replace it")
+def _inputs(a) -> tuple[str, ...]:
+    """Local paths this command reads: outputs may never replace or hold them."""
+    return tuple(p for p in (a.model, getattr(a, "stats", None), getattr(a, "calib_data", None))
+                 if p and Path(p).expanduser().exists())
+
+
+def _check_out(a, kind: str) -> None:
+    from .provenance import check_target
+
+    check_target(a.out, kind, a.overwrite, _inputs(a))
 
 
 def _cmd_calibrate(a) -> None:
     from . import calibrate, data, load_model
+    from .calibration import is_stats_file
+    from .provenance import check_file_target
 
-    thresholds = [float(t) for t in a.thresholds.split(",") if t.strip()]
+    check_file_target(a.out, "statistics file", is_stats_file)
+    thresholds = a.thresholds
     model, tok = load_model(a.model, a.dtype)
     data.check_seqlen(model, a.seqlen)
     ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
@@ -217,13 +268,14 @@ def _cmd_calibrate(a) -> None:
 
 def _cmd_ppl(a) -> None:
     from . import data, load_model, perplexity
-    from .provenance import stamp, write_json
+    from .provenance import check_file_target, is_record, stamp, write_json
 
+    out = a.out or f"results/ppl_cli_{Path(a.model).name}.json"
+    check_file_target(out, "record", is_record)
     model, tok = load_model(a.model, a.dtype)
     data.check_seqlen(model, a.seqlen)
     ids = data.tokenize(tok, data.read_text(a.data, "eval"))
     r = perplexity(model, ids, a.seqlen, a.windows)
-    out = a.out or f"results/ppl_cli_{Path(a.model).name}.json"
     write_json(out, {"model": a.model, "dtype": a.dtype, "data": a.data, "protocol":
                      "whole text tokenized once, non-overlapping windows from the start, "
                      "mean token NLL, ppl=exp(mean)", **r.as_dict(), **stamp()})
@@ -231,14 +283,30 @@ def _cmd_ppl(a) -> None:
           f"({r.tokens_per_s:.0f} tokens/s); wrote {out}")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised like Ctrl-C so every atomic write cleans up on the way out."""
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         globals()[f"_cmd_{args.cmd}"](args)
     except OutlierqError as e:
         print(f"outlierq: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("outlierq: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"outlierq: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return 128 + int(signum)
+    except OSError as e:  # a full disk, a permission problem: name the path, leave nothing partial
+        print(f"outlierq: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return 0

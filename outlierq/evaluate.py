@@ -14,6 +14,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import check_seqlen, eval_windows
+from .errors import OutlierqError
+
+
+@torch.no_grad()
+def first_nonfinite(model: nn.Module, wins: torch.Tensor, device) -> str:
+    """Where NaN/Inf first appear: the first module (in execution order) whose output is not
+    finite, on the first window whose loss is not."""
+    for i, w in enumerate(wins):
+        seen: list[str] = []
+
+        def hook(name):
+            def h(mod, args, out):
+                t = out[0] if isinstance(out, tuple) else out
+                if not seen and torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                    seen.append(name)
+            return h
+        handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+        try:
+            model(input_ids=w[None].to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if seen:
+            return (f"non-finite activations first appear in {seen[0]} (window {i}); try "
+                    "--dtype float32, or check the checkpoint")
+    return "the loss overflowed although every activation is finite"
 
 
 @dataclass
@@ -44,6 +70,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048, windows:
         logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1]
         total += F.cross_entropy(logits.float(), w[1:].to(device), reduction="sum").item()
     dt = time.perf_counter() - t0
+    if not math.isfinite(total):
+        raise OutlierqError(f"perplexity is not finite: {first_nonfinite(model, wins, device)}")
     n_pred = wins.shape[0] * (seqlen - 1)
     nll = total / n_pred
     return PplResult(ppl=math.exp(nll), nll=nll, windows=wins.shape[0],

@@ -65,12 +65,13 @@ def resolve_recipe(recipe: str | list | None, act: str = "token") -> list:
 def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,
              scheme: W8A8 | LLMInt8 | None = W8A8(),
              calibration: Calibration | torch.Tensor | ActivationStats | None = Calibration(),
-             progress: bool = True) -> CompressResult:
+             progress: bool = True, check_stats: bool = True) -> CompressResult:
     """Calibrate `model`, fold `recipe` into its weights and quantize it with `scheme`, in place.
 
     calibration: a `Calibration` (needs `tokenizer`), token windows [S, L], or statistics already
     taken on this model (kept rows included if the recipe searches); None when neither the recipe
-    nor the scheme needs statistics. scheme=None: mitigate only."""
+    nor the scheme needs statistics. scheme=None: mitigate only. check_stats=False accepts
+    statistics whose weight fingerprint differs from the model's (risk: wrong scales)."""
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
@@ -84,7 +85,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         return CompressResult(model, [], scheme, None, None, {"recipe": [], "calibration": None})
     if isinstance(calibration, ActivationStats):
         stats = calibration
-        stats.check_matches(model)
+        stats.check_matches(model, exact=check_stats)
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
     else:
         cal = calibration if isinstance(calibration, Calibration) else Calibration()
@@ -96,9 +97,9 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         calib_info = asdict(cal) if isinstance(calibration, Calibration) else {"windows": list(windows.shape)}
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mitigated = mitigate(model, stats, configs)
+    mitigated = mitigate(model, stats, configs, check_stats=check_stats)
     if scheme is not None:
-        quantize_(model, scheme, mitigated, progress=progress)
+        quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats)
     record = {"recipe": recipe_to_list(configs), "scheme": asdict(scheme) if scheme is not None else None,
               "calibration": calib_info, "calibrate_seconds": calib_s,
               "mitigate_quantize_seconds": time.perf_counter() - t0,

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import OutlierqError
+
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +60,100 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+MARKER = ".outlierq"          # in every directory outlierq writes: {"kind": ...}
+_PARTIAL = ".outlierq-partial"  # inside a directory still being written: {"pid": ...}
+_TMP_TAG = ".outlierq-tmp-"
+
+
+def _kind_of_dir(path: Path) -> str | None:
+    try:
+        return json.loads((path / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_target(path: str | os.PathLike, kind: str, overwrite: bool = False,
+                 inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, with one line, to write outlierq output `kind` at `path` unless `path` is new, an
+    empty directory, or (with `overwrite`) a directory outlierq wrote as the same kind. Never the
+    home directory, the current directory, `/`, an input or a directory holding an input."""
+    p = Path(path).expanduser().resolve()
+    danger: dict[Path, str] = {}
+    for d, what in ((Path(p.anchor), "the file-system root"), (Path.home().resolve(), "your home directory"),
+                    (Path.cwd().resolve(), "the current directory")):
+        danger.setdefault(d, what)
+    if p in danger:
+        raise OutlierqError(f"refusing to write {kind} output to {p}: it is {danger[p]}")
+    for inp in inputs:
+        q = Path(inp).expanduser().resolve()
+        if q == p or p in q.parents:
+            raise OutlierqError(f"refusing to write {kind} output to {p}: it holds the input {q}")
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise OutlierqError(f"{p} exists and is a file; choose a directory for the {kind} output")
+    if not any(p.iterdir()):
+        return
+    if not overwrite:
+        raise OutlierqError(f"{p} exists and is not empty; pass --overwrite to replace an earlier "
+                            f"outlierq {kind} there")
+    found = _kind_of_dir(p)
+    if found != kind:
+        what = f"an outlierq {found}" if found else "not an outlierq output (no .outlierq marker)"
+        raise OutlierqError(f"refusing to replace {p}: it is {what}, not an outlierq {kind}")
+
+
+def check_file_target(path: str | os.PathLike, kind: str, is_kind) -> None:
+    """A file output replaces only a file outlierq wrote as the same kind (`is_kind(path)`)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise OutlierqError(f"{p} is a directory; give a file name for the {kind}")
+    if p.exists() and not is_kind(p):
+        raise OutlierqError(f"refusing to replace {p}: it is not an outlierq {kind}")
+
+
+def is_record(path: Path) -> bool:
+    """A JSON results record outlierq wrote (it carries the provenance stamp)."""
+    try:
+        d = json.loads(path.read_text())
+        return isinstance(d, dict) and "git_sha" in d and "versions" in d
+    except (OSError, ValueError):
+        return False
+
+
+def clean_abandoned(parent: Path, name: str) -> None:
+    """Tidy what killed runs left beside `parent/name`: their temporary directories are removed;
+    a replaced output caught mid-swap is put back where it was."""
+    target = parent / name
+    for d in parent.glob(f".{name}{_TMP_TAG}*"):
+        try:
+            pid = json.loads((d / _PARTIAL).read_text())["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not recognisably ours: leave it alone
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if (d / "replaced").is_dir() and not target.exists():
+            os.replace(d / "replaced", target)
+            print(f"outlierq: restored {target}, which an interrupted run was replacing", flush=True)
+        print(f"outlierq: removing {d}, left by an interrupted run (pid {pid})", flush=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def output_files(d: Path) -> list[Path]:
+    """The files of an output directory being written (its in-progress marker excluded)."""
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name != _PARTIAL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
@@ -84,25 +180,49 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str, overwrite: bool = False,
+               owned: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside `path`, then swap it into place.
 
-    On any failure (an interrupt included) the temporary directory is removed and an existing
-    target is left untouched."""
+    The temporary directory carries the pid that writes it, so a run killed outright (SIGKILL)
+    leaves only that, which the next run writing beside it removes. On any failure (an
+    interrupt included) it is removed and an existing target is left untouched; an existing
+    target is replaced only with `overwrite` and only if outlierq wrote it as the same `kind`
+    (checked again at the end: a directory that appeared meanwhile is not replaced). `owned`:
+    the path lies in outlierq's own cache and is replaced whatever is there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_abandoned(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}", dir=path.parent))
+    (tmp / _PARTIAL).write_text(json.dumps({"pid": os.getpid()}))
+    (tmp / MARKER).write_text(json.dumps({"kind": kind}))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / _PARTIAL).unlink()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if not owned:
+                check_target(path, kind, overwrite)
+            _swap(path, tmp)
         else:
+            if path.exists():
+                path.rmdir()  # empty
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(path: Path, new: Path) -> None:
+    """Replace directory `path` by `new`; whatever interrupts, `path` ends up old or new."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}old-", dir=path.parent))
+    (old / _PARTIAL).write_text(json.dumps({"pid": os.getpid()}))  # found by clean_abandoned
+    moved = False
+    try:
+        os.replace(path, old / "replaced")
+        moved = True
+        os.replace(new, path)
+        moved = False
+    finally:
+        if moved and not path.exists():
+            os.replace(old / "replaced", path)
+    shutil.rmtree(old, ignore_errors=True)

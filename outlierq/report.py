@@ -248,7 +248,7 @@ def build_report(model: nn.Module, windows: torch.Tensor, out_dir: str | Path,
     reports: dict[str, OutlierReport] = {k: detect(s, criteria) for k, s in sets.items()}
     res_peak = max(range(len(stats.residual)),
                    key=lambda i: list(stats.residual.values())[i].absmax.max().item())
-    with atomic_dir(out_dir, overwrite=overwrite) as d:
+    with atomic_dir(out_dir, "report", overwrite=overwrite) as d:
         spec = get_arch(model)
         _heatmaps(sets, spec, d / "heatmap.png")
         _boxplots(sets, spec, d / "boxplots.png")

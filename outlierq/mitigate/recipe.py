@@ -36,8 +36,10 @@ def recipe_from_list(items: list[dict[str, Any]]) -> list:
         (name, kw), = item.items()
         if name not in MITIGATIONS:
             raise OutlierqError(f"unknown mitigation {name!r}; known: {', '.join(MITIGATIONS)}")
+        if kw is not None and not isinstance(kw, dict):
+            raise OutlierqError(f"options of {name} must be a mapping, got {kw!r}")
         kw = dict(kw or {})
-        if "alpha_grid" in kw:
+        if isinstance(kw.get("alpha_grid"), (list, tuple)):
             kw["alpha_grid"] = tuple(kw["alpha_grid"])
         try:
             out.append(MITIGATIONS[name].config(**kw))
@@ -52,29 +54,52 @@ def parse_recipe(spec: str) -> list:
     if p.suffix in (".json", ".yaml", ".yml"):
         if not p.is_file():
             raise OutlierqError(f"recipe file not found: {p}")
-        text = p.read_text()
-        if p.suffix == ".json":
-            items = json.loads(text)
-        else:
-            import yaml
-            items = yaml.safe_load(text)
+        try:
+            text = p.read_text()
+            if p.suffix == ".json":
+                items = json.loads(text)
+            else:
+                import yaml
+                items = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001  (json's ValueError, yaml.YAMLError, bad UTF-8)
+            raise OutlierqError(f"recipe file {p} does not parse: {str(e).splitlines()[0]}") from None
+        if items is not None and not isinstance(items, list):
+            raise OutlierqError(f"recipe file {p} must hold a list of mitigations, got {type(items).__name__}")
         return recipe_from_list(items or [])
     items = []
-    for part in filter(None, (s.strip() for s in spec.split("+"))):
+    for part in (s.strip() for s in spec.split("+")):
+        if not part:
+            raise OutlierqError(f"recipe {spec!r} has an empty step (two '+' in a row, or one at an end)")
         name, _, opts = part.partition(":")
         kw: dict[str, Any] = {}
         for o in filter(None, opts.split(",")):
-            k, _, v = o.partition("=")
-            kw[k] = None if v in ("none", "search") else (float(v) if v.replace(".", "").isdigit() else v)
+            k, eq, v = o.partition("=")
+            if not eq or not k:
+                raise OutlierqError(f"recipe option {o!r} in {part!r}: write key=value, e.g. alpha=0.5")
+            kw[k] = _value(v)
         items.append({name: kw})
     return recipe_from_list(items)
 
 
-def mitigate(model: nn.Module, stats: ActivationStats, recipe: list) -> ActivationStats:
+def _value(v: str) -> Any:
+    """An inline option value: none/search -> None, true/false, numbers, else the string."""
+    low = v.lower()
+    if low in ("none", "search"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
+             check_stats: bool = True) -> ActivationStats:
     """Apply each mitigation in order (in place); returns the statistics of the mitigated model.
     What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice."""
     prepare(model)
-    stats.check_matches(model)
+    stats.check_matches(model, exact=check_stats)
     if not recipe:
         return stats
     for note in get_arch(model).notes:

@@ -34,8 +34,17 @@ class SmoothQuant:
     clamp: float = 1e-5                  # floor for both maxima: a zero channel gives no inf/NaN
 
     def __post_init__(self):
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise OutlierqError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if self.alpha is not None and not (num(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise OutlierqError(f"SmoothQuant alpha must be a number in [0, 1] or search, got {self.alpha!r}")
+        if self.act not in ("token", "tensor"):
+            raise OutlierqError(f"SmoothQuant act must be token or tensor, got {self.act!r}")
+        if not isinstance(self.pairs, bool):
+            raise OutlierqError(f"SmoothQuant pairs must be true or false, got {self.pairs!r}")
+        if not self.alpha_grid or not all(num(a) and 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise OutlierqError(f"SmoothQuant alpha_grid must be numbers in [0, 1], got {self.alpha_grid!r}")
+        if not (num(self.clamp) and 0 < self.clamp < 1):
+            raise OutlierqError(f"SmoothQuant clamp must be in (0, 1), got {self.clamp!r}")
 
 
 def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, clamp: float) -> torch.Tensor:

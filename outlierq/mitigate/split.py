@@ -33,8 +33,10 @@ class ChannelSplit:
     ratio: float = 16.0     # stop once no channel exceeds ratio x the layer's median absmax
 
     def __post_init__(self):
-        if not 0 < self.expand <= 1 or self.ratio < 1:
-            raise OutlierqError("ChannelSplit needs 0 < expand <= 1 and ratio >= 1")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not (num(self.expand) and num(self.ratio)) or not 0 < self.expand <= 1 or not self.ratio >= 1:
+            raise OutlierqError(f"split needs numbers 0 < expand <= 1 and ratio >= 1, got "
+                                f"expand={self.expand!r}, ratio={self.ratio!r}")
 
 
 def split_plan(absmax: torch.Tensor, budget: int, ratio: float) -> torch.Tensor:

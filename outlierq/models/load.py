@@ -24,8 +24,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def cache_dir() -> Path:
     """Where converted GGUF models live: $OUTLIERQ_CACHE, else $XDG_CACHE_HOME/outlierq."""
     if os.environ.get("OUTLIERQ_CACHE"):
-        return Path(os.environ["OUTLIERQ_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "outlierq"
+        d = Path(os.environ["OUTLIERQ_CACHE"])
+    else:
+        d = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "outlierq"
+    if d.exists() and not d.is_dir():
+        raise OutlierqError(f"the outlierq cache path {d} is a file; point OUTLIERQ_CACHE at a directory")
+    return d
 
 
 def _smollm2_gguf() -> Path:
@@ -82,7 +86,7 @@ def _convert_gguf(path: Path) -> Path:
     except Exception as e:  # transformers raises many types for unreadable GGUF
         raise OutlierqError(f"could not read GGUF file {path}: {e}") from None
     _forget_gguf(model)
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, "model-cache", owned=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
@@ -125,6 +129,18 @@ def resolve_model_path(spec: str) -> str:
     return spec  # hub id
 
 
+def check_weight_files(d: Path) -> None:
+    """A local model directory must hold safetensors weights: pickle files (.bin/.pt) can run code
+    when read, so outlierq refuses them."""
+    if not d.is_dir() or any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise OutlierqError(f"{d} holds only pickle weights ({pickles[0]}); outlierq reads safetensors "
+                            "only (pickles can run code): convert them first, e.g. load and "
+                            "save_pretrained(safe_serialization=True) in a trusted environment")
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Return (model, tokenizer), in eval mode with gradients off."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -139,14 +155,25 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         model, tok = load(path, device)
         model.outlierq_source = spec
         return model, tok
+    check_weight_files(Path(path))
     try:
-        archs = getattr(AutoConfig.from_pretrained(path), "architectures", None)
+        # Never run a model's own code, never unpickle: custom-code models are not supported,
+        # and only safetensors weights are read.
+        archs = getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "architectures", None)
         if archs:  # before the tokenizer and the weights: unsupported families fail at once
             check_supported(archs[0])
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise OutlierqError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except OutlierqError:
+        raise
+    except Exception as e:  # noqa: BLE001  (transformers raises OSError, ValueError, safetensors errors)
+        hint = ("; it is outlierq's converted cache: delete that folder and rerun"
+                if Path(path).resolve().is_relative_to(cache_dir().resolve()) else "")
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            first = "it needs its own Python code (trust_remote_code); custom-code models are not supported"
+        raise OutlierqError(f"could not load model {spec!r}: {first}{hint}") from None
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     prepare(model)  # unsupported architectures fail here, before any work; Conv1D -> Linear

@@ -11,6 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..errors import OutlierqError
 from .arch import decoder_layers, get_arch, resolve
 
 
@@ -19,6 +20,11 @@ def prepare(model: nn.Module) -> nn.Module:
     """Validate the family (one error line if unsupported) and swap Conv1D for nn.Linear, in
     place; idempotent. Returns the model."""
     spec = get_arch(model)
+    from ..quantize import Int8Experts, Int8Linear
+
+    if any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()):
+        raise OutlierqError("this model is already int8-quantized (an outlierq W8A8 export?); "
+                            "calibration, mitigation and quantization need the float model")
     if not spec.conv1d:
         return model
     from .. mitigate.surgery import new_linear, set_module

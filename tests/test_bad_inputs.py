@@ -1,0 +1,274 @@
+"""The catalog of bad inputs and faults, tried as a careless or hostile user would: every case
+exits with code 2 (or the signal's code), says what is wrong in one line, and leaves every
+pre-existing file as it was."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from outlierq.cli import main
+from conftest import tiny_model_dir
+
+QUICK = ["--samples", "2", "--seqlen", "16", "--batch-size", "2"]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "model", "LlamaForCausalLM")
+
+
+@pytest.fixture
+def ws(tmp_path, model_dir, monkeypatch):
+    """A scratch workspace (as cwd and HOME) holding a user's files that must survive."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "id_rsa").write_text("secret")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / ".ckpt.old").mkdir()
+    (tmp_path / ".ckpt.old" / "mine.txt").write_text("a user's own .old folder")
+    return tmp_path
+
+
+def _fails(capsys, argv, msg, root):
+    capsys.readouterr()  # forget what earlier commands of the test printed
+    before = _snapshot(root)
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = [x for x in err.splitlines() if x.startswith("outlierq")]  # (progress bars aside)
+    assert rc == 2, err
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
+    assert _snapshot(root) == before
+    return lines[0]
+
+
+@pytest.mark.parametrize("out, msg", [
+    ("~", "home directory"), (".", "current directory"), ("notes", "not an outlierq output"),
+])
+def test_overwrite_never_replaces_what_outlierq_did_not_write(capsys, ws, model_dir, out, msg):
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--out", out, "--overwrite"] + QUICK, msg, ws)
+
+
+def test_output_never_replaces_or_holds_the_input(capsys, ws, model_dir):
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--out", str(model_dir), "--overwrite"] + QUICK,
+           "holds the input", model_dir.parent)
+    _fails(capsys, ["export", "--model", str(model_dir), "--out", str(model_dir.parent), "--overwrite",
+                    "--format", "fp"] + QUICK, "holds the input", model_dir.parent)
+
+
+def test_overwrite_replaces_its_own_checkpoint_and_nothing_else(capsys, ws, model_dir):
+    argv = ["export", "--model", str(model_dir), "--format", "fp", "--recipe", "none", "--out", "ckpt"] + QUICK
+    assert main(argv) == 0
+    _fails(capsys, argv, "pass --overwrite", ws)
+    assert main(argv + ["--overwrite"]) == 0
+    assert (ws / ".ckpt.old" / "mine.txt").read_text() == "a user's own .old folder"
+    _fails(capsys, ["report", "--model", str(model_dir), "--out", "ckpt", "--overwrite"] + QUICK,
+           "is an outlierq checkpoint, not an outlierq report", ws)
+
+
+def test_a_directory_created_meanwhile_is_not_deleted(ws, model_dir, monkeypatch, capsys):
+    import outlierq.checkpoint as ck
+
+    real = ck._write_shards
+
+    def racing(tensors, d, max_shard):  # another program creates the target while we write
+        (ws / "ckpt").mkdir()
+        (ws / "ckpt" / "theirs.txt").write_text("not ours")
+        real(tensors, d, max_shard)
+    monkeypatch.setattr(ck, "_write_shards", racing)
+    rc = main(["export", "--model", str(model_dir), "--format", "fp", "--recipe", "none", "--out", "ckpt"] + QUICK)
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert (ws / "ckpt" / "theirs.txt").read_text() == "not ours"
+    assert not [p for p in ws.iterdir() if "outlierq-tmp" in p.name]
+
+
+def _export(ws, model_dir) -> Path:
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + QUICK) == 0
+    return ws / "ckpt"
+
+
+@pytest.mark.parametrize("tamper, msg", [
+    (lambda d: (d / "extra.safetensors").write_bytes((d / "model.safetensors").read_bytes()), "not in SHA256SUMS"),
+    (lambda d: (d / "model.safetensors").rename(d / "renamed.safetensors"), "listed in SHA256SUMS but missing"),
+    (lambda d: (d / "SHA256SUMS").write_text("garbage line\n"), "malformed"),
+    (lambda d: (d / "config.json").write_text((d / "config.json").read_text() + " "), "fails its checksum"),
+])
+def test_verification_is_complete(capsys, ws, model_dir, tamper, msg):
+    d = _export(ws, model_dir)
+    tamper(d)
+    _fails(capsys, ["ppl", "--model", str(d), "--windows", "1", "--seqlen", "16", "--out", "r.json"], msg, ws)
+
+
+def test_sigterm_mid_export_leaves_nothing(ws, model_dir, monkeypatch, capsys):
+    import outlierq.checkpoint as ck
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(ck, "_write_shards", killed)
+    before = _snapshot(ws)
+    rc = main(["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + QUICK)
+    assert rc == 128 + signal.SIGTERM and "SIGTERM" in capsys.readouterr().err
+    assert _snapshot(ws) == before and not (ws / "ckpt").exists()
+
+
+def test_sigkill_leftovers_are_recognised_and_removed(ws, model_dir, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = ws / ".ckpt.outlierq-tmp-abandoned"
+    left.mkdir()
+    (left / ".outlierq-partial").write_text(json.dumps({"pid": dead.pid}))
+    (left / "model.safetensors").write_bytes(b"0" * 1000)
+    _export(ws, model_dir)
+    assert not left.exists() and "interrupted run" in capsys.readouterr().out
+
+
+def test_statistics_of_another_model_are_refused(capsys, ws, model_dir, tmp_path_factory):
+    other = tiny_model_dir(tmp_path_factory.mktemp("o") / "other", "LlamaForCausalLM")
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(other)  # same shapes, other weights
+    for p in m.parameters():
+        p.data.mul_(1.5)
+    m.save_pretrained(other)
+    assert main(["calibrate", "--model", str(other), "--out", "s.safetensors"] + QUICK) == 0
+    argv = ["quantize", "--model", str(model_dir), "--stats", "s.safetensors", "--recipe",
+            "smoothquant:alpha=0.5", "--out", "ckpt"]
+    _fails(capsys, argv, "statistics are stale", ws)
+    assert main(argv + ["--force-stats"]) == 0
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--samples", "0"], "--samples: must be at least 1"),
+    (["--seqlen", "1"], "--seqlen: must be at least 2"),
+    (["--batch-size", "-3"], "--batch-size: must be at least 1"),
+    (["--samples", "many"], "is not an integer"),
+])
+def test_numeric_flags(capsys, ws, model_dir, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--model", str(model_dir), "--out", "x"] + flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["calibrate", "--keep-rows", "-1"], "--keep-rows: must be at least 0"),
+    (["calibrate", "--thresholds", "6,nan"], "finite numbers > 0"),
+    (["calibrate", "--thresholds", "0"], "finite numbers > 0"),
+    (["ppl", "--windows", "0"], "--windows: must be at least 1"),
+])
+def test_more_numeric_flags(capsys, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("recipe, msg", [
+    ("smoothquant:alpha=abc", "alpha must be a number"),
+    ("smoothquant:alpha=1.5", "alpha must be a number in [0, 1]"),
+    ("smoothquant:act=foo", "act must be token or tensor"),
+    ("smoothquant:bogus=1", "unexpected keyword argument 'bogus'"),
+    ("smoothquant++split", "empty step"),
+    ("smoothquant:alpha", "write key=value"),
+    ("rotate", "unknown mitigation"),
+    ("bad.json", "does not parse"),
+    ("bad.yaml", "does not parse"),
+    ("list.json", "must hold a list"),
+])
+def test_recipes(capsys, ws, model_dir, recipe, msg):
+    (ws / "bad.json").write_text("[{oops")
+    (ws / "bad.yaml").write_text("- smoothquant: {alpha: [1, 2\n")
+    (ws / "list.json").write_text('{"smoothquant": {}}')
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", recipe, "--out", "ckpt"] + QUICK,
+           msg, ws)
+
+
+def test_token_for_typo(capsys, ws, model_dir):
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--act", "tensor", "--token-for", "dwn_proj",
+                    "--recipe", "none", "--out", "ckpt"] + QUICK, "matches no quantizable Linear", ws)
+
+
+def test_truncated_statistics_file(capsys, ws, model_dir):
+    assert main(["calibrate", "--model", str(model_dir), "--out", "s.safetensors"] + QUICK) == 0
+    (ws / "s.safetensors").write_bytes((ws / "s.safetensors").read_bytes()[:100])
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--stats", "s.safetensors", "--out", "ckpt"],
+           "not an outlierq statistics file", ws)
+
+
+def test_files_that_are_not_ours_are_not_replaced(capsys, ws, model_dir):
+    (ws / "s.safetensors").write_text("a user's file")
+    _fails(capsys, ["calibrate", "--model", str(model_dir), "--out", "s.safetensors"] + QUICK,
+           "not an outlierq statistics file", ws)
+    (ws / "r.json").write_text('{"mine": 1}')
+    _fails(capsys, ["ppl", "--model", str(model_dir), "--seqlen", "16", "--out", "r.json"],
+           "not an outlierq record", ws)
+
+
+def test_an_int8_export_is_not_a_float_model(capsys, ws, model_dir):
+    d = _export(ws, model_dir)
+    _fails(capsys, ["quantize", "--model", str(d), "--out", "again"] + QUICK, "already int8-quantized", ws)
+
+
+def test_pickle_weights_and_custom_code_are_refused(capsys, ws, model_dir, tmp_path_factory):
+    import shutil
+
+    pk = tmp_path_factory.mktemp("p") / "pickled"
+    shutil.copytree(model_dir, pk)
+    (pk / "model.safetensors").rename(pk / "pytorch_model.bin")
+    _fails(capsys, ["ppl", "--model", str(pk), "--seqlen", "16"], "pickle weights", ws)
+    cc = tmp_path_factory.mktemp("c") / "custom"
+    shutil.copytree(model_dir, cc)
+    cfg = json.loads((cc / "config.json").read_text())
+    cfg.update(architectures=["MyModelForCausalLM"], auto_map={"AutoConfig": "modeling_my.MyConfig"},
+               model_type="my_model")
+    (cc / "config.json").write_text(json.dumps(cfg))
+    _fails(capsys, ["ppl", "--model", str(cc), "--seqlen", "16"], "could not load model", ws)
+
+
+def test_nan_perplexity_names_the_layer(capsys, ws, model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+    import shutil
+
+    d = tmp_path_factory.mktemp("n") / "nan"
+    shutil.copytree(model_dir, d)
+    m = AutoModelForCausalLM.from_pretrained(d)
+    m.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
+    m.save_pretrained(d)
+    _fails(capsys, ["ppl", "--model", str(d), "--seqlen", "16", "--windows", "1", "--out", "r.json"],
+           "model.layers.1.mlp.down_proj", ws)
+
+
+def test_bench(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    rc = main(["bench", "kernels", "--shapes", "4000000x4000000", "--out", "nowhere"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "GiB" in err and len(err.splitlines()) == 1 and not Path("nowhere").exists()
+
+
+def test_cache_path_is_a_file(capsys, ws, monkeypatch):
+    (ws / "cachefile").write_text("x")
+    monkeypatch.setenv("OUTLIERQ_CACHE", str(ws / "cachefile"))
+    (ws / "m.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    _fails(capsys, ["ppl", "--model", "m.gguf"], "is a file", ws)
+
+
+def test_full_disk(capsys, ws, model_dir, monkeypatch):
+    import errno
+
+    import outlierq.checkpoint as ck
+
+    def full(tensors, d, max_shard):
+        raise OSError(errno.ENOSPC, "No space left on device", str(d / "model.safetensors"))
+    monkeypatch.setattr(ck, "_write_shards", full)
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + QUICK,
+           "No space left on device", ws)

@@ -138,7 +138,9 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                                  "device": dev_name, "torch": prov["versions"].get("torch"),
                                  "triton": prov["versions"].get("triton", ""),
                                  "git_sha": prov["git_sha"], "timestamp": prov["timestamp"],
-                                 "torch_threads": torch.get_num_threads()})
+                                 "torch_threads": torch.get_num_threads(),
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                 "int8_gemm": "cuda int8" if device == "cuda" else ops.gemm.cpu_gemm_path()})
                     print(f"{op:14s} {be:7s} {m:6d}x{n:<6d} {dt:5s} p50 {p50 * 1e3:9.3f} ms "
                           f"{gbps:8.1f} GB/s {100 * gbps / peak:5.1f}% of measured peak "
                           f"{base / p50:6.2f}x eager", flush=True)
@@ -150,5 +152,5 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
     with atomic_path(out) as tmp:
         tmp.write_text(buf.getvalue())
     print(f"measured peak {peak:.1f} GB/s (copy){'; spec ' + str(spec) + ' GB/s' if spec else ''}; "
-          f"wrote {out}")
+          f"{ops.gemm.describe()}; wrote {out}")
     return rows

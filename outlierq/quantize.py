@@ -117,7 +117,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if not self.fake and self.act != "none" and (self._wt is None or self._wt.device != x.device):
-            self._wt = self.weight.t().contiguous()
+            self._wt = ops.gemm_operand(self.weight.t())  # int8 codes, or fp32 codes where faster
         y = w8a8_linear(x2, self.weight, self.weight_scale, self.act, self.input_scale, self.fake,
                         self.backend, self._wt)
         if self.bias is not None:
@@ -148,7 +148,7 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         s = input_scale.expand(x2.shape[0])
     if fake:
         return (q.float() * s[:, None]) @ deq().t()
-    return ops.int8_matmul(q, s, weight.t().contiguous() if wt is None else wt, weight_scale)
+    return ops.int8_matmul(q, s, ops.gemm_operand(weight.t()) if wt is None else wt, weight_scale)
 
 
 class Int8Experts(nn.Module):
@@ -167,6 +167,7 @@ class Int8Experts(nn.Module):
         self.register_buffer("down_scale", torch.ones(num_experts, hidden))
         self.register_buffer("gate_up_input_scale", torch.ones(num_experts) if act[0] == "tensor" else None)
         self.register_buffer("down_input_scale", torch.ones(num_experts) if act[1] == "tensor" else None)
+        self._wt: dict[tuple[str, int], torch.Tensor] = {}  # per (projection, expert) GEMM operand
 
     @classmethod
     def from_experts(cls, ex: nn.Module, act: tuple[str, str], scales: tuple | None = None,
@@ -187,8 +188,13 @@ class Int8Experts(nn.Module):
         w, ws = (self.gate_up, self.gate_up_scale) if which == "gate_up" else (self.down, self.down_scale)
         act = self.act[0] if which == "gate_up" else self.act[1]
         ins = getattr(self, f"{which}_input_scale")
+        wt = None
+        if not self.fake and act != "none":
+            if (which, e) not in self._wt or self._wt[which, e].device != x.device:
+                self._wt[which, e] = ops.gemm_operand(w[e].t())
+            wt = self._wt[which, e]
         return w8a8_linear(x, w[e], ws[e], act, None if ins is None else ins[e: e + 1], self.fake,
-                           self.backend)
+                           self.backend, wt)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -202,6 +208,10 @@ class Int8Experts(nn.Module):
             h = self._mm((self.act_fn(gate) * up).to(hidden_states.dtype), e, "down")
             out.index_add_(0, tok, (h * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
+
+    def _apply(self, fn, recurse=True):
+        self._wt = {}  # device moves invalidate the cached operands
+        return super()._apply(fn, recurse)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.gate_up.float() * self.gate_up_scale[..., None],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from outlierq import calibrate, compress, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
+from outlierq.ops import gemm
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import LLMInt8, W8A8
 
@@ -45,11 +46,12 @@ def main() -> None:
              "vs_fp32": statistics.median(v) / fp} for k, v in tps.items()]
     write_json(Path(a.out) / f"throughput_{Path(a.model).name}.json",
                {"model": a.model, "windows": a.windows, "seqlen": 2048, "repeats": a.repeats,
-                "rows": rows, **stamp()})
+                "int8_gemm": gemm.describe(), "rows": rows, **stamp()})
     md = [f"# Evaluation throughput: {a.model}", "",
           f"Median tokens/s over {a.repeats} interleaved rounds of the first {a.windows} WikiText-2 "
           f"test windows of 2048 tokens (forward + loss), one process. SmoothQuant a=0.5 applied "
-          "to the quantized forms.", "", "| form | tokens/s | vs FP32 |", "|---|---|---|"]
+          f"to the quantized forms. CPU: {gemm.describe()}.", "", "| form | tokens/s | vs FP32 |",
+          "|---|---|---|"]
     md += [f"| {r['form']} | {r['tokens_per_s']:.0f} | {r['vs_fp32']:.2f}x |" for r in rows]
     write_text(Path(a.out) / f"throughput_{Path(a.model).name}.md", "\n".join(md) + "\n")
     print("\n".join(md))

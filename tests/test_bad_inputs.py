@@ -272,3 +272,13 @@ def test_full_disk(capsys, ws, model_dir, monkeypatch):
     monkeypatch.setattr(ck, "_write_shards", full)
     _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + QUICK,
            "No space left on device", ws)
+
+
+def test_slow_bf16_cpu_is_announced(model_dir, monkeypatch):
+    from outlierq import load_model
+    from outlierq.errors import OutlierqNotice
+    from outlierq.ops import gemm
+
+    monkeypatch.setattr(gemm, "cpu_slowdown", lambda dtype: 31.0)
+    with pytest.warns(OutlierqNotice, match="31x slower than float32"):
+        load_model(str(model_dir), "bfloat16")

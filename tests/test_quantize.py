@@ -89,3 +89,31 @@ def test_token_for_typo_is_an_error():
     stats = calibrate(model, token_batch(2, 16), progress=False)
     with pytest.raises(OutlierqError, match="matches no quantizable Linear"):
         quantize_(model, W8A8(act="tensor", token_for=("*dwn_proj",)), stats, progress=False)
+
+
+@pytest.mark.parametrize("path", ["int_mm", "fp32"])
+@pytest.mark.parametrize("act", ["token", "tensor"])
+def test_both_cpu_gemm_paths_match_the_oracle(path, act, monkeypatch):
+    """AVX2-only CPUs run the int8 codes through an fp32 matmul (their int8 GEMM is 30x slower):
+    either path stays within the fake-quant oracle's tolerance, and on small codes both are exact."""
+    from outlierq.ops import gemm
+
+    monkeypatch.setenv("OUTLIERQ_INT8_GEMM", path)
+    gemm.cpu_gemm_path.cache_clear()
+    try:
+        torch.manual_seed(0)
+        lin = nn.Linear(200, 72)
+        x = torch.randn(3, 17, 200)
+        scale = x.abs().max().item() / 127
+        real = Int8Linear.from_linear(lin, act, scale)
+        torch.testing.assert_close(real(x), Int8Linear.from_linear(lin, act, scale, fake=True)(x),
+                                   rtol=1e-4, atol=1e-4)
+        assert real._wt.dtype == (torch.int8 if path == "int_mm" else torch.float32)
+        xq = torch.randint(-127, 128, (9, 64), dtype=torch.int8)
+        wq = torch.randint(-127, 128, (64, 16), dtype=torch.int8)
+        ones = torch.ones(9), torch.ones(16)
+        from outlierq import ops
+        assert torch.equal(ops.int8_matmul(xq, ones[0], ops.gemm_operand(wq), ones[1]),
+                           torch._int_mm(xq, wq).float())
+    finally:
+        gemm.cpu_gemm_path.cache_clear()

@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import OutlierqError
+from ..errors import OutlierqError, OutlierqNotice
 from ..provenance import atomic_dir
 from .arch import arch_key, check_supported
 from .prepare import prepare
@@ -149,6 +150,14 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         if dtype not in DTYPES:
             raise OutlierqError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        from ..ops.gemm import cpu_slowdown
+
+        slow = cpu_slowdown(dtype)
+        if slow > 2:
+            warnings.warn(f"{str(dtype).removeprefix('torch.')} matmuls run {slow:.0f}x slower than float32 on "
+                          f"this CPU ({torch.backends.cpu.get_cpu_capability()}); --dtype float32 is "
+                          "faster here", OutlierqNotice, stacklevel=2)
     path = resolve_model_path(spec)
     if (Path(path) / "outlierq.json").exists():  # an outlierq export: verified, real int8
         from ..checkpoint import load

@@ -83,6 +83,7 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tens
 
 
 int8_matmul = torch_ops.int8_matmul
+from .gemm import gemm_operand  # noqa: E402
 
-__all__ = ["BACKENDS", "ChannelStats", "channel_stats", "int8_matmul", "quantize_per_tensor",
+__all__ = ["BACKENDS", "ChannelStats", "channel_stats", "gemm_operand", "int8_matmul", "quantize_per_tensor",
            "quantize_per_token", "triton_available"]

@@ -108,10 +108,14 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tens
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int8 [M, K] @ int8 [K, N] accumulated in int32, then * x_scale[M, 1] * w_scale[N] in fp32."""
+    """int8 [M, K] @ int8 [K, N] accumulated in int32, then * x_scale[M, 1] * w_scale[N] in fp32.
+    A float `wq_t` (the same codes as fp32, see ops.gemm) multiplies in fp32 instead: exact
+    products, fp32 accumulation, for CPUs whose int8 GEMM is slow."""
     m, k = xq.shape
     n = wq_t.shape[1]
-    if xq.is_cuda and (m <= 16 or k % 8 or n % 8):
+    if wq_t.is_floating_point():
+        acc = xq.to(wq_t.dtype) @ wq_t
+    elif xq.is_cuda and (m <= 16 or k % 8 or n % 8):
         # cuBLASLt int8 wants M > 16 and K, N multiples of 8: pad with zeros (exact in int32).
         mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
         xp = torch.zeros(mp, kp, dtype=torch.int8, device=xq.device)

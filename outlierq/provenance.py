@@ -66,10 +66,20 @@ _TMP_TAG = ".outlierq-tmp-"
 
 
 def _kind_of_dir(path: Path) -> str | None:
+    """The kind in the directory's marker; outputs of outlierq versions before the marker are
+    recognised by their own files (a checkpoint's manifest, a report's report.json)."""
     try:
         return json.loads((path / MARKER).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
-        return None
+        pass
+    if (path / "outlierq.json").is_file() and (path / "SHA256SUMS").is_file():
+        return "checkpoint"
+    try:
+        if {"detection", "heatmaps"} <= json.loads((path / "report.json").read_text()).keys():
+            return "report"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def check_target(path: str | os.PathLike, kind: str, overwrite: bool = False,

@@ -2,8 +2,9 @@
 of |x| above T thresholds, and per-token absmax. Tensors in, tensors out; no policy.
 
 Grid: (column blocks, row groups). Each program walks its rows in BLOCK_M tiles, keeps column
-partials in registers and merges them with one atomic per column; per-token maxima merge across
-column blocks with atomic max (|x| >= 0, so float atomic max is exact and order-free)."""
+partials (maxima, sums and the T threshold counts, as one [T_PAD, BLOCK_N] block) in registers
+and merges them with one atomic per column and statistic; per-token maxima merge across column
+blocks with atomic max (|x| >= 0, so float atomic max is exact and order-free)."""
 from __future__ import annotations
 
 import torch
@@ -14,13 +15,16 @@ import triton.language as tl
 @triton.jit
 def _channel_stats_kernel(x_ptr, thr_ptr, colmax_ptr, colsum_ptr, count_ptr, rowmax_ptr,
                           M, N, stride_m, rows_per_prog,
-                          T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     cmax = tl.zeros([BLOCK_N], dtype=tl.float32)
     csum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_ids = tl.arange(0, T_PAD)
+    counts = tl.zeros([T_PAD, BLOCK_N], dtype=tl.int32)
     row0 = pid_m * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, M)
     for r in range(row0, row_end, BLOCK_M):
@@ -35,9 +39,12 @@ def _channel_stats_kernel(x_ptr, thr_ptr, colmax_ptr, colsum_ptr, count_ptr, row
         for t in tl.static_range(T):
             th = tl.load(thr_ptr + t)
             cnt = tl.sum((a > th).to(tl.int32), axis=0)
-            tl.atomic_add(count_ptr + t * N + cols, cnt, mask=cmask)
+            counts += tl.where(t_ids[:, None] == t, cnt[None, :], 0)
     tl.atomic_max(colmax_ptr + cols, cmax, mask=cmask)
     tl.atomic_add(colsum_ptr + cols, csum, mask=cmask)
+    if T > 0:
+        tl.atomic_add(count_ptr + t_ids[:, None] * N + cols[None, :], counts,
+                      mask=(t_ids[:, None] < T) & cmask[None, :])
 
 
 def channel_stats(x: torch.Tensor, thresholds: torch.Tensor, block_m: int = 32,
@@ -61,7 +68,8 @@ def channel_stats(x: torch.Tensor, thresholds: torch.Tensor, block_m: int = 32,
     thr = thresholds.to(device=dev, dtype=torch.float32).contiguous()
     _channel_stats_kernel[grid](x, thr, col_absmax, col_abssum, col_count, row_absmax,
                                 m, n, x.stride(0), rows_per_prog,
-                                T=t, BLOCK_M=block_m, BLOCK_N=block_n)
+                                T=t, T_PAD=triton.next_power_of_2(max(t, 1)), BLOCK_M=block_m,
+                                BLOCK_N=block_n)
     return col_absmax, col_abssum, col_count[:t], row_absmax
 
 

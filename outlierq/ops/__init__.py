@@ -82,7 +82,19 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tens
     return torch_ops.quantize_per_tensor(x2, scale, smooth)
 
 
-int8_matmul = torch_ops.int8_matmul
+def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor,
+                backend: str = "auto") -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> fp32 [M, N] * x_scale[M, 1] * w_scale[N] (see torch_ops).
+    "auto" keeps torch (cuBLASLt / oneDNN) until the Triton GEMM is measured faster on a GPU."""
+    if backend == "triton":
+        _use_triton(xq, "triton")  # raises where Triton cannot serve
+        if wq_t.is_floating_point():
+            raise OutlierqError("the Triton int8 GEMM needs int8 weight codes, not the fp32 operand")
+        from ..kernels.int8_gemm import int8_gemm
+        return int8_gemm(xq, wq_t, x_scale, w_scale)
+    return torch_ops.int8_matmul(xq, x_scale, wq_t, w_scale)
+
+
 from .gemm import gemm_operand  # noqa: E402
 
 __all__ = ["BACKENDS", "ChannelStats", "channel_stats", "gemm_operand", "int8_matmul", "quantize_per_tensor",

@@ -66,3 +66,28 @@ def test_round_half_even_in_kernel():
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]], device=DEVICE)
     q, s, _ = ops.quantize_per_token(x, backend="triton")
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]
+
+
+@pytest.mark.parametrize("thr", [(6.0,), (1.0, 6.0, 100.0)])
+def test_channel_stats_threshold_counts(thr):
+    """Counts for any number of thresholds (kept as one padded register block per program)."""
+    x = _x((70, 130), torch.float32)
+    k = ops.channel_stats(x, thr, backend="triton")
+    t = ops.channel_stats(x, thr, backend="torch")
+    assert torch.equal(k.col_count, t.col_count)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 8, 8), (17, 40, 24), (70, 96, 33), (129, 64, 65)])
+def test_int8_gemm_matches_int_mm_and_epilogue(m, k, n):
+    g = torch.Generator().manual_seed(m * n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(m, generator=g) + 0.01, torch.rand(n, generator=g) + 0.01
+    want = a.int() @ b.int()  # int32 reference, exact
+    want = want.float() * xs[:, None] * ws[None, :]
+    got = ops.int8_matmul(a.to(DEVICE), xs.to(DEVICE), b.to(DEVICE), ws.to(DEVICE), backend="triton")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+    from outlierq.kernels.int8_gemm import int8_gemm
+    bias = torch.randn(n, generator=g)
+    got_b = int8_gemm(a.to(DEVICE), b.to(DEVICE), xs.to(DEVICE), ws.to(DEVICE), bias.to(DEVICE))
+    torch.testing.assert_close(got_b.cpu(), want + bias, rtol=1e-6, atol=1e-5)

@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--token-for", default="",
                        help="with --act tensor: comma-separated Linear names kept per-token "
                             "dynamic, e.g. down_proj")
+        p.add_argument("--weight-clip", action="store_true",
+                       help="search a clip ratio per output channel of the int8 weights on kept "
+                            "calibration rows")
         p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
         p.add_argument("--force-stats", action="store_true",
                        help="use --stats even if they were taken on other weights (risk: static "
@@ -177,7 +180,8 @@ def _prepare(a):
     model, tok = load_model(a.model, a.dtype)
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     quantized = getattr(a, "format", "compressed-tensors") == "compressed-tensors"
-    result = compress(model, tok, recipe, W8A8(act=a.act, token_for=token_for) if quantized else None,
+    scheme = W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False))
+    result = compress(model, tok, recipe, scheme if quantized else None,
                       calib, check_stats=not getattr(a, "force_stats", False))
     return model, tok, result.recipe, result.stats
 

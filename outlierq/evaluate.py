@@ -52,6 +52,10 @@ class PplResult:
     tokens: int
     seconds: float
     tokens_per_s: float
+    # against a reference model (llama.cpp's convention): mean KL(P_ref || P_model) over the
+    # predicted tokens, in nats, and the share of them where both pick the same top-1 token
+    kl: float | None = None
+    top1: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,21 +63,32 @@ class PplResult:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048, windows: int | None = None,
-               progress: bool = True) -> PplResult:
-    """Perplexity of `model` on the 1-D token tensor `ids` (see the module doc for the protocol)."""
+               progress: bool = True, reference: nn.Module | None = None) -> PplResult:
+    """Perplexity of `model` on the 1-D token tensor `ids` (see the module doc for the protocol).
+    With `reference` (e.g. the float model), also the mean KL divergence of `model`'s next-token
+    distribution from the reference's and their top-1 agreement, on the same tokens."""
     check_seqlen(model, seqlen)
     wins = eval_windows(ids, seqlen, windows)
     device = next(model.parameters()).device
-    total = 0.0
-    t0 = time.perf_counter()
+    total = kl = 0.0
+    agree = 0
+    dt = 0.0
     for w in tqdm(wins, desc="perplexity", unit="window", disable=not progress):
-        logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1]
-        total += F.cross_entropy(logits.float(), w[1:].to(device), reduction="sum").item()
-    dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1].float()
+        dt += time.perf_counter() - t0  # the model's own time (not the reference's)
+        total += F.cross_entropy(logits, w[1:].to(device), reduction="sum").item()
+        if reference is not None:
+            ref = reference(input_ids=w[None].to(device), use_cache=False).logits[0, :-1].float()
+            lp, lr = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
+            kl += F.kl_div(lp, lr, log_target=True, reduction="sum").item()
+            agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
     if not math.isfinite(total):
         raise OutlierqError(f"perplexity is not finite: {first_nonfinite(model, wins, device)}")
     n_pred = wins.shape[0] * (seqlen - 1)
     nll = total / n_pred
     return PplResult(ppl=math.exp(nll), nll=nll, windows=wins.shape[0],
                      windows_available=ids.numel() // seqlen, seqlen=seqlen,
-                     tokens=int(wins.numel()), seconds=dt, tokens_per_s=wins.numel() / dt)
+                     tokens=int(wins.numel()), seconds=dt, tokens_per_s=wins.numel() / dt,
+                     kl=kl / n_pred if reference is not None else None,
+                     top1=agree / n_pred if reference is not None else None)

@@ -75,7 +75,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
-    needs_rows = any(lookup(c).needs_rows(c) for c in configs)
+    needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
     t0 = time.perf_counter()
     if calibration is None:
         if configs or (isinstance(scheme, W8A8) and scheme.act == "tensor"):

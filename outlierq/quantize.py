@@ -41,6 +41,9 @@ class W8A8:
     # scales cannot follow down_proj's token-to-token range (SwiGLU products), so
     # ("*down_proj",) buys most of the accuracy back while everything else stays static.
     token_for: tuple[str, ...] = ()
+    # search a clip ratio per output channel of each Linear's int8 weights on the kept
+    # calibration rows (`clip_search`); needs statistics with kept rows
+    weight_clip: bool = False
 
     def act_for(self, name: str) -> str | None:
         """The activation mode of Linear `name`, or None when it stays float."""
@@ -73,10 +76,36 @@ class LLMInt8:
     skip: tuple[str, ...] = ("lm_head",)
 
 
-def quantize_weight(w: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: (codes [N, K] int8, scale [N] f32), scale = absmax/127."""
-    q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
-    return q, scale
+def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (codes [N, K] int8, scale [N] f32), scale = absmax/127,
+    or clip[n] * absmax/127 with a clip ratio per output channel (values beyond it saturate)."""
+    if clip is None:
+        q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
+        return q, scale
+    wf = w.detach().float()
+    scale = (wf.abs().amax(1) * clip.float() / 127.0).clamp(min=1e-12)
+    return (wf * scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00, 0.98, ..., 0.80
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, rows: torch.Tensor, grid: tuple[float, ...] = CLIP_GRID) -> torch.Tensor:
+    """Per output channel, the clip ratio of `grid` whose int8 weights give the least squared
+    output error on calibration rows [R, K] (float activations, as AWQ's clip search): output
+    channel n depends on weight row n only, so each channel picks its own ratio. Returns [N]."""
+    wf, x = w.detach().float(), rows.float()
+    best_err = torch.full((wf.shape[0],), float("inf"))
+    best = torch.ones(wf.shape[0])
+    for r in grid:
+        q, s = quantize_weight(wf, clip=torch.full_like(best, r))
+        err = (x @ (wf - q.float() * s[:, None]).t()).pow(2).sum(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
 
 
 class Int8Linear(nn.Module):
@@ -96,10 +125,11 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
-                    fake: bool = False, backend: str = "auto") -> "Int8Linear":
+                    fake: bool = False, backend: str = "auto", clip: torch.Tensor | None = None
+                    ) -> "Int8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, fake, backend,
                 dtype=lin.weight.dtype)
-        q, s = quantize_weight(lin.weight, backend)
+        q, s = quantize_weight(lin.weight, backend, clip)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
         if lin.bias is not None:
@@ -251,6 +281,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
     if stats is not None:
         stats.check_matches(model, exact=check_stats)
+    if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
+        raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
+                            "calibrate with keep_rows > 0")
     skip = config.skip
     if isinstance(config, W8A8):
         unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in quantizable(model, spec))]
@@ -264,7 +297,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         else:
             act = config.act_for(name)
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
-            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend)
+            clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     if spec.experts is not None:

@@ -36,12 +36,17 @@ ROWS = [
      W8A8(act="tensor", token_for=("*down_proj",))),
     ("SmoothQuant a=0.8, down_proj per-token", "smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",))),
+    ("OCS split + SmoothQuant searched + weight clip", "split:ratio=4+smoothquant:alpha=search,act={act}",
+     "both+clip"),
+    ("SmoothQuant a=0.8 + weight clip", "smoothquant:alpha=0.8", "both+clip"),
+    ("int8 weights only + weight clip", "", W8A8(act="none", weight_clip=True)),
 ]
 
 
 def _quantizers(q):
-    if q == "both":
-        return [("token", W8A8(act="token")), ("tensor", W8A8(act="tensor"))]
+    if q in ("both", "both+clip"):
+        clip = q == "both+clip"
+        return [("token", W8A8(act="token", weight_clip=clip)), ("tensor", W8A8(act="tensor", weight_clip=clip))]
     if isinstance(q, W8A8) and q.token_for:
         return [("tensor+token", q)]
     return [("token" if isinstance(q, W8A8) and q.act == "token" else
@@ -50,13 +55,16 @@ def _quantizers(q):
 
 def _table(rows: list[dict], fp: dict[int, float]) -> str:
     """Markdown table; each row compared with the FP32 row over the same number of windows."""
-    out = ["| configuration | activations | calibrated on | ppl | vs FP32 | windows | calib s | eval tokens/s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| configuration | activations | calibrated on | ppl | vs FP32 | KL vs FP32 (nats) | top-1 agreement "
+           "| windows | calib s | eval tokens/s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = fp.get(r["windows"])
         d = "—" if ref is None or r["label"] == "FP32" else f"{100 * (r['ppl'] / ref - 1):+.2f}%"
-        out.append(f"| {r['label']} | {r['act']} | {r['calib_data'] or '-'} | {r['ppl']:.3f} | {d} | "
-                   f"{r['windows']} | {r['calib_seconds']:.0f} | {r['tokens_per_s']:.0f} |")
+        kl = f"{r['kl']:.5f}" if r.get("kl") is not None else ""
+        top1 = f"{100 * r['top1']:.2f}%" if r.get("top1") is not None else ""
+        out.append(f"| {r['label']} | {r['act']} | {r['calib_data'] or '-'} | {r['ppl']:.3f} | {d} | {kl} | "
+                   f"{top1} | {r['windows']} | {r['calib_seconds']:.0f} | {r['tokens_per_s']:.0f} |")
     return "\n".join(out)
 
 
@@ -108,17 +116,17 @@ def main() -> None:
         calib_s = 0.0
         stats = None
         recipe = parse_recipe(rec_spec.format(act=act)) if rec_spec else []
-        if recipe or (isinstance(q, W8A8) and q.act == "tensor"):
+        if recipe or (isinstance(q, W8A8) and (q.act == "tensor" or q.weight_clip)):
             stats, calib_s = stats_for(data)
         t0 = time.perf_counter()
         res = compress(m, tok, recipe, q, stats, progress=False)
         stats = res.stats
         prep_s = time.perf_counter() - t0
-        r = perplexity(m, ids, 2048, windows)
+        r = perplexity(m, ids, 2048, windows, reference=model if label != "FP32" else None)
         row = {"label": label, "act": act, "recipe": recipe_to_list(recipe), "calib_data": data
                if stats is not None else None, "ppl": r.ppl, "windows": r.windows,
                "calib_seconds": calib_s, "mitigate_quantize_seconds": prep_s,
-               "tokens_per_s": r.tokens_per_s, "git_sha": git_sha(),
+               "tokens_per_s": r.tokens_per_s, "kl": r.kl, "top1": r.top1, "git_sha": git_sha(),
                "alphas": stats.meta.get("smoothquant_alpha") if stats is not None else None,
                "split_intermediate_size": stats.meta.get("split_intermediate_size")
                if stats is not None else None}
@@ -138,7 +146,9 @@ def main() -> None:
               f"torch {record['versions'].get('torch')}, transformers "
               f"{record['versions'].get('transformers')}, {record['machine']}. Eval tokens/s were "
               "measured while other jobs shared the machine at times; scripts/throughput.py is the "
-              "controlled speed comparison.", "", _table(quick, fps)]
+              "controlled speed comparison. KL (mean KL divergence of the row's next-token distribution "
+              "from FP32's, nats) and top-1 agreement are measured against the FP32 model on the "
+              "same tokens (rows without them predate the columns).", "", _table(quick, fps)]
         if other:
             md += ["", "## All windows, and robustness (calibrated on tinyshakespeare, evaluated on "
                    "WikiText-2 test)", "", _table(other, fps)]

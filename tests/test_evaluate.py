@@ -34,3 +34,20 @@ def test_windows_and_errors():
         calib_windows(ids, 10, 20)
     with pytest.raises(OutlierqError, match="exceeds the model's context"):
         perplexity(tiny_model("LlamaForCausalLM"), torch.arange(1000) % 128, seqlen=512)
+
+
+def test_kl_and_top1_against_a_brute_force_loop():
+    model, other = tiny_model("LlamaForCausalLM", seed=0), tiny_model("LlamaForCausalLM", seed=3)
+    ids = torch.randint(0, 128, (32 * 3,), generator=torch.Generator().manual_seed(1))
+    r = perplexity(other, ids, seqlen=32, progress=False, reference=model)
+    kl = agree = 0.0
+    with torch.no_grad():
+        for i in range(3):
+            w = ids[i * 32:(i + 1) * 32][None]
+            p = torch.softmax(model(input_ids=w).logits[0, :-1].double(), -1)
+            q = torch.softmax(other(input_ids=w).logits[0, :-1].double(), -1)
+            kl += (p * (p.log() - q.log())).sum().item()
+            agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
+    assert r.kl == pytest.approx(kl / 93, rel=1e-4) and r.top1 == pytest.approx(agree / 93)
+    same = perplexity(model, ids, seqlen=32, progress=False, reference=model)
+    assert same.kl == pytest.approx(0.0, abs=1e-9) and same.top1 == 1.0

@@ -117,3 +117,44 @@ def test_both_cpu_gemm_paths_match_the_oracle(path, act, monkeypatch):
                            torch._int_mm(xq, wq).float())
     finally:
         gemm.cpu_gemm_path.cache_clear()
+
+
+def test_weight_clip_search_picks_the_least_output_error():
+    """Brute force per channel over the grid; and clipping never loses to plain rounding on the
+    rows it was chosen on (1.0 is in the grid)."""
+    from outlierq.quantize import CLIP_GRID, clip_search, quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    w[:, 3] *= 8  # one large weight per row, on an input channel that is nearly silent:
+    x = torch.randn(64, 40)  # clipping it costs little and refines every other weight
+    x[:, 3] *= 0.01
+    ratios = clip_search(w, x)
+    for n in range(12):
+        errs = []
+        for r in CLIP_GRID:
+            q, s = quantize_weight(w[n:n + 1], clip=torch.tensor([r]))
+            errs.append(((x @ (w[n] - q[0].float() * s[0])) ** 2).sum().item())
+        assert ratios[n].item() == pytest.approx(CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)])
+    q1, s1 = quantize_weight(w)
+    qc, sc = quantize_weight(w, clip=ratios)
+    e1 = (x @ (w - q1.float() * s1[:, None]).t()).pow(2).sum()
+    ec = (x @ (w - qc.float() * sc[:, None]).t()).pow(2).sum()
+    assert ec <= e1 and (ratios < 1).any()
+    q_same, s_same = quantize_weight(w, clip=torch.ones(12))  # ratio 1 = plain absmax/127
+    torch.testing.assert_close(s_same, s1)
+    assert (q_same.int() - q1.int()).abs().max() <= 1
+
+
+def test_weight_clip_in_quantize_needs_rows_and_reduces_error():
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    calib, test = token_batch(8, 32, seed=1), token_batch(4, 32, seed=2)
+    with pytest.raises(OutlierqError, match="kept calibration rows"):
+        quantize_(copy.deepcopy(model), W8A8(weight_clip=True), calibrate(model, calib, progress=False))
+    stats = calibrate(model, calib, keep_rows=128, progress=False)
+    ref = model(input_ids=test).logits
+    err = {}
+    for clip in (False, True):
+        q = quantize_(copy.deepcopy(model), W8A8(act="none", weight_clip=clip), stats, progress=False)
+        err[clip] = (q(input_ids=test).logits - ref).pow(2).mean().item()
+    assert err[True] < err[False]

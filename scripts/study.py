@@ -40,6 +40,11 @@ ROWS = [
      "both+clip"),
     ("SmoothQuant a=0.8 + weight clip", "smoothquant:alpha=0.8", "both+clip"),
     ("int8 weights only + weight clip", "", W8A8(act="none", weight_clip=True)),
+    ("SmoothQuant searched, per-token objective", "smoothquant:alpha=search,act={act},objective=token", "both"),
+    ("OCS split + SmoothQuant searched, per-token objective",
+     "split:ratio=4+smoothquant:alpha=search,act={act},objective=token", "both"),
+    ("OCS split + SmoothQuant searched, per-token objective + weight clip",
+     "split:ratio=4+smoothquant:alpha=search,act={act},objective=token", "both+clip"),
 ]
 
 

@@ -181,3 +181,34 @@ def test_layout_variants_preserve_function(family, over):
         m = copy.deepcopy(model)
         mitigate(m, stats, recipe)
         assert _preserved(model, m, x, ref, recipe), recipe
+
+
+def test_token_objective_weighs_every_row_alike():
+    """One massive row dominates the "sum" score; the "token" score is the mean of per-row
+    relative errors (brute force)."""
+    from outlierq.mitigate.smoothquant import _group_error
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    x[0] *= 500  # a massive-activation token
+    ws = [torch.randn(8, 16), torch.randn(4, 16)]
+    s = torch.rand(16) + 0.5
+    tok = _group_error(x, ws, s, "token", x.abs().amax(0), "token")
+    per_row = []
+    for i in range(32):
+        n = d = 0.0
+        for w in ws:
+            ref = x[i:i + 1] @ w.t()
+            xs = x[i:i + 1] / s
+            from outlierq import ops
+            q, sc, _ = ops.quantize_per_token(xs)
+            wq, ws_, _ = ops.quantize_per_token(w * s[None, :])
+            out = (q.float() * sc[:, None]) @ (wq.float() * ws_[:, None]).t()
+            n += (out - ref).double().pow(2).sum().item()
+            d += ref.double().pow(2).sum().item()
+        per_row.append(n / d)
+    assert tok == pytest.approx(sum(per_row) / 32, rel=1e-5)
+    whole = _group_error(x, ws, s, "token", x.abs().amax(0), "sum")
+    assert whole != pytest.approx(tok, rel=0.1)
+    with pytest.raises(OutlierqError, match="objective"):
+        SmoothQuant(None, objective="mean")

@@ -32,6 +32,10 @@ class SmoothQuant:
     act: Literal["token", "tensor"] = "token"   # the quantizer the alpha search scores for
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     clamp: float = 1e-5                  # floor for both maxima: a zero channel gives no inf/NaN
+    # the search's score: "sum" = total squared output error / total output energy over the kept
+    # rows (a few massive-activation rows dominate it); "token" = each row's relative error,
+    # averaged, so every token weighs alike, as in perplexity
+    objective: Literal["sum", "token"] = "sum"
 
     def __post_init__(self):
         num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
@@ -43,6 +47,8 @@ class SmoothQuant:
             raise OutlierqError(f"SmoothQuant pairs must be true or false, got {self.pairs!r}")
         if not self.alpha_grid or not all(num(a) and 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise OutlierqError(f"SmoothQuant alpha_grid must be numbers in [0, 1], got {self.alpha_grid!r}")
+        if self.objective not in ("sum", "token"):
+            raise OutlierqError(f"SmoothQuant objective must be sum or token, got {self.objective!r}")
         if not (num(self.clamp) and 0 < self.clamp < 1):
             raise OutlierqError(f"SmoothQuant clamp must be in (0, 1), got {self.clamp!r}")
 
@@ -59,8 +65,9 @@ def _fake_q_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, act: str,
-                 x_max: torch.Tensor) -> float:
-    """Relative W8A8 output error of consumers `ws` on rows x when smoothed by s."""
+                 x_max: torch.Tensor, objective: str = "sum") -> float:
+    """Relative W8A8 output error of consumers `ws` on rows x when smoothed by s: over all rows
+    ("sum"), or per row then averaged ("token")."""
     s = s.float()
     xs = x / s
     if act == "token":
@@ -69,11 +76,19 @@ def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, act: 
         scale = (x_max / s).max() / 127.0
         xq = ops.quantize_per_tensor(xs, scale.reshape(1)).float() * scale
     num = den = 0.0
+    rows_num = torch.zeros(x.shape[0], dtype=torch.float64)
+    rows_den = torch.zeros(x.shape[0], dtype=torch.float64)
     for w in ws:
         ref = x @ w.float().t()
         out = xq @ _fake_q_rows(w.float() * s[None, :]).t()
-        num += (out - ref).pow(2).sum().item()
-        den += ref.pow(2).sum().item()
+        if objective == "token":
+            rows_num += (out - ref).double().pow(2).sum(1)
+            rows_den += ref.double().pow(2).sum(1)
+        else:
+            num += (out - ref).pow(2).sum().item()
+            den += ref.pow(2).sum().item()
+    if objective == "token":
+        return (rows_num / rows_den.clamp(min=1e-30)).mean().item()
     return num / max(den, 1e-30)
 
 
@@ -88,9 +103,9 @@ def _choose(cfg: SmoothQuant, xr: torch.Tensor, wr: torch.Tensor, ws: list[torch
         raise OutlierqError("SmoothQuant alpha search needs kept calibration rows: calibrate with "
                             "keep_rows > 0 (CLI: --keep-rows 256)")
     expand = (lambda f: f) if cmap is None else (lambda f: f[cmap])
-    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), cfg.act, x_max), None
+    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), cfg.act, x_max, cfg.objective), None
     for a in cfg.alpha_grid:
-        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), cfg.act, x_max)
+        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), cfg.act, x_max, cfg.objective)
         if err < best_err:
             best_err, best_a = err, a
     if best_a is None:

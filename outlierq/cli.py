@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="use --stats even if they were taken on other weights (risk: static "
                             "scales and smoothing factors that do not fit this model)")
         p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp"])
+        p.add_argument("--expert-format", default="pack-quantized", choices=["pack-quantized", "int-quantized"],
+                       help="MoE experts: packed int8 (loads in transformers 5) or plain int8 "
+                            "(llm-compressor's W8A8 MoE layout)")
         p.add_argument("--out", required=True, help="checkpoint directory")
         p.add_argument("--overwrite", action="store_true")
 
@@ -191,7 +194,8 @@ def _cmd_quantize(a) -> None:
 
     _check_out(a, "checkpoint")
     model, tok, recipe, stats = _prepare(a)
-    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a))
+    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a),
+                 expert_format=a.expert_format)
     print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 

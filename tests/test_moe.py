@@ -106,3 +106,25 @@ def test_int8_experts_match_fake_quant_oracle(act):
     if act == "token":  # (the static scales above are arbitrary, so only per-token vs float)
         ref = ex(x, idx, w)
         assert ((real - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("fmt", ["pack-quantized", "int-quantized"])
+def test_both_expert_layouts_reload_bit_identically(fmt, tmp_path):
+    import json
+
+    from outlierq import export, load
+
+    model = tiny_model("Qwen3MoeForCausalLM", outliers=True)
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    q = quantize_(model, W8A8(act="tensor"), stats, progress=False)
+    out = export(q, tmp_path / "ckpt", expert_format=fmt)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    name = "model.layers.0.mlp.experts.2.down_proj"
+    assert (f"{name}.weight_packed" in keys) == (fmt == "pack-quantized")
+    assert (f"{name}.weight" in keys) == (fmt == "int-quantized") and f"{name}.input_scale" in keys
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert fmt in {g["format"] for g in groups.values()}
+    assert torch.equal(load(out)[0](input_ids=x).logits, q(input_ids=x).logits)

@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--keep-rows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="semicolon-separated row labels to run")
+    ap.add_argument("--acts", default=None, help="comma-separated activation modes to run (e.g. token)")
     ap.add_argument("--full", default=None,
                     help="'label|act' rows to also evaluate on all windows, ';'-separated")
     ap.add_argument("--robust", default=None, help="'label|act' row recalibrated on tinyshakespeare")
@@ -171,6 +172,8 @@ def main() -> None:
         if only and label not in only:
             continue
         for act, qq in _quantizers(q):
+            if a.acts and act not in a.acts.split(","):
+                continue
             rows[:] = [r for r in rows if not (r["label"] == label and r["act"] == act
                                                and r["windows"] == a.windows
                                                and r["calib_data"] in (None, "wikitext2"))]

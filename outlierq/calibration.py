@@ -264,13 +264,12 @@ class _Recorder:
         cs, kept = self._stats(x)
         table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
         self.fired[name] = self.fired.get(name, 0) + 1
-        return kept
+        if kept and table is self.inputs:  # rows are kept for Linear inputs (the alpha search)
+            self.samples.setdefault(name, []).extend(kept)
 
     def _linear_hook(self, name):
         def hook(mod, args, out):
-            kept = self._record(self.inputs, name, args[0])
-            if kept:
-                self.samples.setdefault(name, []).extend(kept)
+            self._record(self.inputs, name, args[0])
         return hook
 
     def _experts_hook(self, name: str, ex: nn.Module):
@@ -281,15 +280,10 @@ class _Recorder:
             x, top_k_index = args[0], args[1]
             self.expert_tokens[name] = self.expert_tokens.get(name, 0) + torch.bincount(
                 top_k_index.reshape(-1).cpu(), minlength=ex.gate_up_proj.shape[0])
-            kept = self._record(self.inputs, f"{name}.gate_up", x)
-            if kept:
-                self.samples.setdefault(f"{name}.gate_up", []).extend(kept)
+            self._record(self.inputs, f"{name}.gate_up", x)
             for e in range(ex.gate_up_proj.shape[0]):
                 gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
-                h = ex.act_fn(gate) * up
-                kept = self._record(self.inputs, f"{name}.{e}.down", h)
-                if kept:
-                    self.samples.setdefault(f"{name}.{e}.down", []).extend(kept)
+                self._record(self.inputs, f"{name}.{e}.down", ex.act_fn(gate) * up)
         return hook
 
     def _residual_hook(self, name):

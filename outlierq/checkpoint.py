@@ -131,8 +131,7 @@ def _state_dict(model: nn.Module, expert_format: str = "pack-quantized") -> dict
         ex = resolve(layer, spec.experts.path)
         for k in [k for k in out if k.startswith(f"{pre}.{spec.experts.path}.")]:
             del out[k]
-        router = f"{pre}.{spec.groups[-1].router}.weight"
-        out[f"{pre}.{spec.experts.router_ckpt}.weight"] = out.pop(router)
+        out[f"{pre}.{spec.experts.router_ckpt}.weight"] = out.pop(f"{pre}.{spec.router}.weight")
         out.update(_expert_tensors(ex, spec, pre, dtype, expert_format))
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # transformers re-ties it on load
@@ -367,7 +366,7 @@ def _load_experts(layer: nn.Module, spec, pre: str, qc: dict, sd: dict, filled: 
     n, two_i, h = ex.gate_up_proj.shape
     gate0, _, down0 = expert_names(spec, pre, 0)
     acts = (_act_for(gate0, qc), _act_for(down0, qc))
-    sd[f"{pre}.{spec.groups[-1].router}.weight"] = sd.pop(f"{pre}.{spec.experts.router_ckpt}.weight")
+    sd[f"{pre}.{spec.router}.weight"] = sd.pop(f"{pre}.{spec.experts.router_ckpt}.weight")
     if acts[0] is None or acts[1] is None:  # float experts: stack them back into the fused layout
         for e in range(n):
             g, u, dn = (sd.pop(f"{k}.weight") for k in expert_names(spec, pre, e))

@@ -284,13 +284,16 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
         raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
                             "calibrate with keep_rows > 0")
-    skip = config.skip
+    if isinstance(config, LLMInt8) and spec.experts is not None:
+        raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
+                            "fused tensors here: use W8A8")
+    names = quantizable(model, spec)
     if isinstance(config, W8A8):
-        unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in quantizable(model, spec))]
+        unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in names)]
         if unmatched:
             raise OutlierqError(f"token_for pattern {unmatched[0]!r} matches no quantizable Linear "
                                 "(e.g. 'down_proj', '*mlp.down_proj', 're:.*layers\\.0\\..*')")
-    targets = [(n, model.get_submodule(n)) for n in quantizable(model, spec) if not matches(n, skip)]
+    targets = [(n, model.get_submodule(n)) for n in names if not matches(n, config.skip)]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
@@ -299,12 +302,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
             clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
             new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_module(model, name, new)
     if spec.experts is not None:
-        if isinstance(config, LLMInt8):
-            raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
-                                "fused tensors here: use W8A8")
         for i, layer in enumerate(decoder_layers(model, spec)):
             pre = f"{spec.layers}.{i}"
             gate, _, down = expert_names(spec, pre, 0)

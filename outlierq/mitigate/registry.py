@@ -25,6 +25,11 @@ def register(name: str, config: type, apply: Callable, needs_rows: Callable[[Any
     MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, exact_stats)
 
 
+def is_number(v: Any) -> bool:
+    """A real number from a recipe (bools are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def lookup(cfg) -> Mitigation:
     for m in MITIGATIONS.values():
         if isinstance(cfg, m.config):

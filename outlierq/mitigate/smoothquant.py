@@ -19,7 +19,7 @@ from ..calibration import ActivationStats
 from ..errors import OutlierqError
 from ..models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
 from . import surgery
-from .registry import register
+from .registry import is_number, register
 from ._stats import rescale_inputs
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -38,7 +38,7 @@ class SmoothQuant:
     objective: Literal["sum", "token"] = "sum"
 
     def __post_init__(self):
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        num = is_number
         if self.alpha is not None and not (num(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise OutlierqError(f"SmoothQuant alpha must be a number in [0, 1] or search, got {self.alpha!r}")
         if self.act not in ("token", "tensor"):
@@ -166,15 +166,17 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
             chosen[name] = a
         if spec.experts is not None:  # each expert's up rows -> its down_proj columns
             ex = resolve(layer, spec.experts.path)
+            factors = []  # expert e's factors depend on its own down_proj only: apply all at once
             for e in range(ex.down_proj.shape[0]):
                 name = f"{pre}{spec.experts.path}.{e}.down"
                 x_max = stats.input_absmax(name)
                 down = ex.down_proj[e].detach()
                 s, a = _choose(cfg, x_max, down.abs().amax(0).float(), [down],
                                stats.samples.get(name), x_max)
-                surgery.scale_expert_pair(ex, e, s)
+                factors.append(s)
                 stats = rescale_inputs(stats, [name], s)
                 chosen[name] = a
+            surgery.scale_expert_pairs(ex, torch.stack(factors))
     stats.meta = dict(stats.meta, smoothquant_alpha=chosen)
     return stats
 

@@ -23,7 +23,7 @@ from ..calibration import ActivationStats
 from ..errors import OutlierqError
 from ..models.arch import decoder_layers, get_arch, resolve, text_config
 from . import surgery
-from .registry import register
+from .registry import is_number, register
 from ._stats import split_inputs
 
 
@@ -33,8 +33,7 @@ class ChannelSplit:
     ratio: float = 16.0     # stop once no channel exceeds ratio x the layer's median absmax
 
     def __post_init__(self):
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        if not (num(self.expand) and num(self.ratio)) or not 0 < self.expand <= 1 or not self.ratio >= 1:
+        if not (is_number(self.expand) and is_number(self.ratio)) or not 0 < self.expand <= 1 or not self.ratio >= 1:
             raise OutlierqError(f"split needs numbers 0 < expand <= 1 and ratio >= 1, got "
                                 f"expand={self.expand!r}, ratio={self.ratio!r}")
 

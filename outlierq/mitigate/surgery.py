@@ -47,18 +47,19 @@ def scale_experts_input(ex: nn.Module, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_expert_pair(ex: nn.Module, e: int, s: torch.Tensor) -> None:
-    """Expert e's up rows /= s and its down_proj columns *= s (act(gate) * up is linear in up)."""
+def scale_expert_pairs(ex: nn.Module, s: torch.Tensor) -> None:
+    """Every expert e: up rows /= s[e] and down_proj columns *= s[e] (s: [E, I]; act(gate) * up
+    is linear in up). One replacement of each fused tensor for all experts."""
     s = s.double()
     inter = ex.down_proj.shape[2]
-    gu, down = ex.gate_up_proj.data.clone(), ex.down_proj.data.clone()
-    gu[e, inter:] = (gu[e, inter:].double() / s[:, None]).to(gu.dtype)
-    down[e] = (down[e].double() * s[None, :]).to(down.dtype)
-    ex.gate_up_proj.data, ex.down_proj.data = gu, down
+    gu = ex.gate_up_proj.double()
+    gu[:, inter:] /= s[:, :, None]
+    _set(ex.gate_up_proj, gu)
+    _set(ex.down_proj, ex.down_proj.double() * s[:, None, :])
 
 
-def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    """A fresh nn.Linear of `like`'s dtype/device holding `weight` [out, in] (and `bias`)."""
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Linear:
+    """A fresh nn.Linear of `like`'s weight dtype/device holding `weight` [out, in] (and `bias`)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                     device=like.weight.device, dtype=like.weight.dtype)
     lin.weight.data = weight.to(like.weight.dtype)

@@ -7,6 +7,7 @@ such as parallel residuals or post-LayerNorm are config switches) returning an `
 Adding a family = one builder here + one tiny-model row in tests/conftest.py."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -82,15 +83,10 @@ class ArchSpec:
     conv1d: tuple[str, ...] = ()       # GPT-2 Conv1D modules: held as nn.Linear, saved transposed
     notes: tuple[str, ...] = field(default=())   # what is not applied, and why (shown as warnings)
 
-    def layer_linears(self) -> list[str]:
-        """Every Linear path of one layer that this description names, in forward order."""
-        seen: dict[str, None] = {}
-        for g in self.groups:
-            seen.update(dict.fromkeys(g.linears))
-        for p in self.pairs:
-            seen.update(dict.fromkeys((p.producer, p.consumer)))
-        seen.update(dict.fromkeys(self.writers))
-        return list(seen)
+    @property
+    def router(self) -> str | None:
+        """The MoE router's path (it reads the same norm as the experts), or None."""
+        return next((g.router for g in self.groups if g.router), None)
 
     def input_kinds(self) -> dict[str, str]:
         """One representative Linear per distinct input tensor of a layer -> a readable label
@@ -109,11 +105,6 @@ def _heads(cfg) -> tuple[int, int, int]:
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return heads, kv, head_dim
-
-
-def kv_groups(model: nn.Module) -> tuple[int, int, int]:
-    """(num_attention_heads, num_key_value_heads, head_dim) of the model's attention."""
-    return _heads(model.config)
 
 
 def _vo(offset: Callable[[Any], int] = lambda cfg: 0) -> RowMap:
@@ -351,23 +342,17 @@ def arch_key(model: nn.Module) -> str:
     return archs[0] if archs else type(model).__name__
 
 
-def _text_config(model: nn.Module):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def get_arch(model: nn.Module) -> ArchSpec:
     """The family's description, or one error line naming the family and what is supported."""
     key = arch_key(model)
     if key in MULTIMODAL:
         family, root = MULTIMODAL[key]
-        base = _gemma(_text_config(model), family)
-        return ArchSpec(**{**base.__dict__, "family": "gemma3_multimodal",
-                           "layers": f"{root}.layers", "embed": f"{root}.embed_tokens",
-                           "final_norm": f"{root}.norm",
-                           "notes": base.notes + ("multimodal Gemma 3: only the language model is "
-                                                  "mitigated and quantized; the vision tower and "
-                                                  "projector stay float",)})
+        base = _gemma(text_config(model), family)
+        return dataclasses.replace(
+            base, family="gemma3_multimodal", layers=f"{root}.layers", embed=f"{root}.embed_tokens",
+            final_norm=f"{root}.norm",
+            notes=base.notes + ("multimodal Gemma 3: only the language model is mitigated and "
+                                "quantized; the vision tower and projector stay float",))
     check_supported(key)
     return ARCHS[key](model.config)
 
@@ -392,7 +377,8 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleL
 
 def text_config(model: nn.Module):
     """The config holding hidden_size, heads and MLP sizes (the text config of a multimodal model)."""
-    return _text_config(model)
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def quantizable(model: nn.Module, spec: ArchSpec | None = None) -> list[str]:

@@ -27,15 +27,14 @@ def prepare(model: nn.Module) -> nn.Module:
                             "calibration, mitigation and quantization need the float model")
     if not spec.conv1d:
         return model
-    from .. mitigate.surgery import new_linear, set_module
+    from ..mitigate.surgery import new_linear, set_module
 
     for layer in decoder_layers(model, spec):
         for path in spec.conv1d:
             m = resolve(layer, path)
             if isinstance(m, nn.Linear) or not hasattr(m, "nf"):
                 continue
-            like = nn.Linear(1, 1, device=m.weight.device, dtype=m.weight.dtype)
-            set_module(layer, path, new_linear(m.weight.t().contiguous(), m.bias, like))
+            set_module(layer, path, new_linear(m.weight.t().contiguous(), m.bias, m))
     return model
 
 

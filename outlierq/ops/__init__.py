@@ -11,6 +11,7 @@ import torch
 
 from ..errors import OutlierqError
 from . import torch_ops
+from .gemm import gemm_operand
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -94,8 +95,6 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq_t: torch.Tensor, w_s
         return int8_gemm(xq, wq_t, x_scale, w_scale)
     return torch_ops.int8_matmul(xq, x_scale, wq_t, w_scale)
 
-
-from .gemm import gemm_operand  # noqa: E402
 
 __all__ = ["BACKENDS", "ChannelStats", "channel_stats", "gemm_operand", "int8_matmul", "quantize_per_tensor",
            "quantize_per_token", "triton_available"]

@@ -29,18 +29,7 @@ def cpu_gemm_path() -> str:
     x = torch.randint(-127, 128, (128, 512), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
     wf = w.float()
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-    t_int = best(lambda: torch._int_mm(x, w))
-    t_fp = best(lambda: x.float() @ wf)
-    return "int_mm" if t_int <= t_fp else "fp32"
+    return "int_mm" if _best_of(lambda: torch._int_mm(x, w)) <= _best_of(lambda: x.float() @ wf) else "fp32"
 
 
 def gemm_operand(wq_t: torch.Tensor) -> torch.Tensor:
@@ -64,14 +53,15 @@ def cpu_slowdown(dtype: torch.dtype) -> float:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
     a2, b2 = a.to(dtype), b.to(dtype)
-
-    def best(fn) -> float:
-        fn()
-        return min(_timed(fn) for _ in range(3))
-    return best(lambda: a2 @ b2) / max(best(lambda: a @ b), 1e-9)
+    return _best_of(lambda: a2 @ b2) / max(_best_of(lambda: a @ b), 1e-9)
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
+def _best_of(fn, reps: int = 3) -> float:
+    """Fastest of `reps` timed calls after one warm-up (a probe, not a benchmark)."""
     fn()
-    return time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

@@ -3,7 +3,8 @@
     python scripts/bench_gemm.py --device cuda --shapes 4096x4096x4096,8192x8192x8192
 
 Median of repeats per (M, N, K); TOPS counts 2*M*N*K operations. Writes <out>/gemm_<device>.csv.
-On CPU only the torch paths run (the Triton interpreter is not a speed measurement)."""
+On CPU only the torch paths run (the Triton interpreter is not a speed measurement), plus the
+fp32-codes fallback that ops.gemm picks where _int_mm is slow; the CSV names the path it chose."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from outlierq import ops
+from outlierq.ops import gemm
 from outlierq.bench import _time
 from outlierq.provenance import atomic_path, stamp
 
@@ -34,8 +36,11 @@ def main() -> None:
         wq = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=dev, generator=g)
         xs, ws = torch.rand(m, device=dev), torch.rand(n, device=dev)
         xb, wb = xq.to(torch.bfloat16), wq.to(torch.bfloat16)
+        wf = wq.float()
         paths = {"torch _int_mm + epilogue": lambda: ops.int8_matmul(xq, xs, wq, ws, backend="torch"),
                  "bf16 matmul": lambda: xb @ wb}
+        if dev == "cpu":  # the AVX2 fallback of ops.gemm: the same codes multiplied in fp32
+            paths["fp32 codes + epilogue"] = lambda: ops.int8_matmul(xq, xs, wf, ws, backend="torch")
         if dev == "cuda":
             paths["triton int8 (fused epilogue)"] = lambda: ops.int8_matmul(xq, xs, wq, ws, backend="triton")
         for name, fn in paths.items():
@@ -43,6 +48,7 @@ def main() -> None:
             rows.append({"path": name, "M": m, "N": n, "K": k, "p50_ms": p50 * 1e3,
                          "TOPS": 2 * m * n * k / p50 / 1e12, "device": torch.cuda.get_device_name()
                          if dev == "cuda" else f"cpu {torch.backends.cpu.get_cpu_capability()}",
+                         "cpu_gemm_path_chosen": "" if dev == "cuda" else gemm.cpu_gemm_path(),
                          "torch": prov["versions"].get("torch"), "triton": prov["versions"].get("triton", ""),
                          "git_sha": prov["git_sha"], "timestamp": prov["timestamp"]})
             print(f"{name:30s} {m}x{n}x{k}  {p50 * 1e3:9.3f} ms  {rows[-1]['TOPS']:7.1f} TOPS", flush=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +224,8 @@ class _Recorder:
         self.backend = backend
         self.keep = keep_rows
         self.rows_per_batch = rows_per_batch
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.batch = 0  # index of the batch in the whole run (kept-row draws are seeded by it)
         self.inputs: dict[str, TensorStats] = {}
         self.residual: dict[str, TensorStats] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
@@ -247,7 +250,7 @@ class _Recorder:
                 self.handles.append(ex.register_forward_hook(
                     self._experts_hook(f"{name}.{spec.experts.path}", ex)))
 
-    def _stats(self, x: torch.Tensor):
+    def _stats(self, x: torch.Tensor, name: str):
         # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
         if self._last is not None and self._last[0] is x:
             return self._last[1], self._last[2]
@@ -255,13 +258,16 @@ class _Recorder:
         cs = ops.channel_stats(x2, self.thr, backend=self.backend)
         kept = []
         if self.keep:
-            idx = torch.randperm(x2.shape[0], generator=self.gen)[: self.rows_per_batch]
+            # One generator per (seed, batch, tensor), not one for the run: the same rows are
+            # kept whatever order the batches run in (layer by layer, or split across ranks).
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.batch}:{name}".encode()))
+            idx = torch.randperm(x2.shape[0], generator=gen)[: self.rows_per_batch]
             kept = [x2[idx.to(x2.device)].float().cpu()]
         self._last = (x, cs, kept)
         return cs, kept
 
     def _record(self, table, name, x):
-        cs, kept = self._stats(x)
+        cs, kept = self._stats(x, name)
         table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
         self.fired[name] = self.fired.get(name, 0) + 1
         if kept and table is self.inputs:  # rows are kept for Linear inputs (the alpha search)
@@ -298,6 +304,41 @@ class _Recorder:
         self._last = None
 
 
+@contextmanager
+def head_skipped(model: nn.Module):
+    """Calibration never reads the logits, and with a large vocabulary the output head is most of
+    the forward (Gemma-3: 262k x 640). Inside this block the head's hooks still fire (its input is
+    recorded) but its matmul is replaced by a zero view (no memory)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        yield
+        return
+    own_forward = vars(head).get("forward")  # e.g. accelerate's wrapper
+    head.forward = lambda x: x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+    try:
+        yield
+    finally:
+        if own_forward is not None:
+            head.forward = own_forward
+        else:
+            del head.forward
+
+
+def batches(n_windows: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The batch indices this rank runs: every world-th batch, so ranks share the work evenly and
+    each batch keeps the windows (and the kept-row seeds) it has in a one-process run."""
+    return list(range(rank, math.ceil(n_windows / batch_size), world))
+
+
+def recorder(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, batch_size: int = 8,
+             keep_rows: int = 0, seed: int = 0, backend: str = "auto") -> "_Recorder":
+    """The hooks `calibrate` uses, for runners that drive the forward themselves (layer by
+    layer, or one slice of the windows per rank)."""
+    n_batches = math.ceil(windows.shape[0] / batch_size)
+    return _Recorder(model, tuple(float(t) for t in thresholds), keep_rows,
+                     math.ceil(keep_rows / n_batches) if keep_rows else 0, backend, seed)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS,
               batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
@@ -305,34 +346,32 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
     """Run `windows` [S, L] through `model` and return its ActivationStats.
 
     keep_rows > 0 also keeps about that many random rows of every Linear input (for the
-    per-layer alpha search)."""
+    per-layer alpha search). Under torch.distributed each rank runs its share of the batches and
+    the statistics are reduced exactly (see `outlierq.distributed`); every rank gets them."""
+    from . import distributed
+
     prepare(model)
-    thresholds = tuple(float(t) for t in thresholds)
-    n_batches = math.ceil(windows.shape[0] / batch_size)
-    rec = _Recorder(model, thresholds, keep_rows, math.ceil(keep_rows / n_batches) if keep_rows else 0,
-                    backend, seed)
+    rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend)
     device = next(model.parameters()).device
-    # Calibration never reads the logits, and with a large vocabulary the output head is most of
-    # the forward (Gemma-3: 262k x 640). Its hook still records its input; the matmul is replaced
-    # by a zero view (no memory) for the duration of the run.
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        head = None
-    own_forward = vars(head).get("forward") if head is not None else None  # e.g. accelerate's wrapper
-    if head is not None:
-        head.forward = lambda x: x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+    rank, world = distributed.rank_world()
+    mine = batches(windows.shape[0], batch_size, rank, world)
     try:
-        for b in tqdm(range(n_batches), desc="calibrate", unit="batch", disable=not progress):
-            batch = windows[b * batch_size: (b + 1) * batch_size].to(device)
-            rec.sample0, rec.seqlen = b * batch_size, batch.shape[1]
-            model(input_ids=batch, use_cache=False)
-            rec._last = None
+        with head_skipped(model):
+            for b in tqdm(mine, desc="calibrate", unit="batch", disable=not progress or rank != 0):
+                batch = windows[b * batch_size: (b + 1) * batch_size].to(device)
+                rec.sample0, rec.seqlen, rec.batch = b * batch_size, batch.shape[1], b
+                model(input_ids=batch, use_cache=False)
+                rec._last = None
     finally:
         rec.close()
-        if own_forward is not None:
-            head.forward = own_forward
-        elif head is not None:
-            del head.forward
+    if world > 1:
+        distributed.reduce_recorder(rec, mine)
+    return finish(model, rec, windows, keep_rows, seed, meta, fingerprint(model))
+
+
+def finish(model: nn.Module, rec: "_Recorder", windows: torch.Tensor, keep_rows: int, seed: int,
+           meta: dict | None, fp: str) -> ActivationStats:
+    """Check what the hooks saw and assemble the ActivationStats (`fp`: the weight fingerprint)."""
     silent = [n for n in list(rec.inputs) + list(rec.residual) if not rec.fired.get(n)]
     if silent:
         raise OutlierqError(f"{len(silent)} calibration hooks never fired (e.g. {silent[0]!r}); "
@@ -353,7 +392,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
     info.update(model=getattr(model, "outlierq_source", getattr(model, "name_or_path", "?")),
                 architecture=get_arch(model).family, samples=int(windows.shape[0]),
                 seqlen=int(windows.shape[1]), seed=seed, tokens=int(windows.numel()),
-                fingerprint=fingerprint(model), **stamp())
+                fingerprint=fp, **stamp())
     if rec.expert_tokens:  # tokens the router sent to each expert (statistics cover all tokens)
         info["expert_tokens"] = {k: v.tolist() for k, v in rec.expert_tokens.items()}
-    return ActivationStats(thresholds, rec.inputs, rec.residual, info, samples)
+    return ActivationStats(rec.thr, rec.inputs, rec.residual, info, samples)

@@ -107,22 +107,32 @@ def _act_for(name: str, qc: dict[str, Any]) -> str | None:
     return None
 
 
-def _state_dict(model: nn.Module, expert_format: str = "pack-quantized") -> dict[str, torch.Tensor]:
+def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
+                part: int | str | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the family's original names: Conv1D weights transposed back
     (float ones; int8 codes keep the [out, in] layout of compressed-tensors), experts one Linear
-    each, the router under its original name."""
+    each, the router under its original name. part: None = all, i = decoder layer i only,
+    "rest" = everything outside the decoder layers (the layer-by-layer pipeline writes the parts
+    one at a time)."""
     spec = get_arch(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    in_layers = spec.layers + "."
+    mine = (lambda n: True) if part is None else \
+        (lambda n: not n.startswith(in_layers)) if part == "rest" else \
+        (lambda n: n.startswith(f"{spec.layers}.{part}."))
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        out[name] = t.detach().cpu().contiguous()
+        if mine(name):
+            out[name] = t.detach().cpu().contiguous()
     for name, m in model.named_modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, Int8Linear) and mine(name + "."):
             out[f"{name}.weight_scale"] = m.weight_scale.to(dtype).reshape(-1, 1).contiguous()
             if m.input_scale is not None:
                 out[f"{name}.input_scale"] = m.input_scale.to(dtype).reshape(1).contiguous()
     for i, layer in enumerate(decoder_layers(model, spec)):
         pre = f"{spec.layers}.{i}"
+        if not mine(pre + "."):
+            continue
         for path in spec.conv1d:
             if isinstance(resolve(layer, path), nn.Linear):
                 out[f"{pre}.{path}.weight"] = out[f"{pre}.{path}.weight"].t().contiguous()
@@ -185,9 +195,13 @@ def _write_shards(tensors: dict[str, torch.Tensor], d: Path, max_shard: int) -> 
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(sh, str(d / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in sh})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_index(d, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def write_index(d: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """The sharded checkpoint's index (tensor name -> shard file), as transformers reads it."""
     (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
 
 
 def _sha256(path: Path) -> str:
@@ -210,15 +224,27 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
     "int-quantized" (plain int8 per expert) is the layout of llm-compressor's W8A8 MoE checkpoints.
     `out_dir` is refused if it is not new/empty, or (with overwrite) an earlier outlierq checkpoint,
     or if it holds one of `inputs` (e.g. the model directory)."""
-    from .mitigate.recipe import recipe_to_list
+    check_export_args(fmt, expert_format)
+    out = Path(out_dir)
+    check_target(out, "checkpoint", overwrite, inputs)
+    config = export_config(model, fmt, expert_format)
+    with atomic_dir(out, "checkpoint", overwrite=overwrite) as tmp:
+        _write_shards(_state_dict(model, expert_format), tmp, max_shard_bytes)
+        write_extras(tmp, model, config, tokenizer, fmt, recipe, stats, extra)
+    return out
 
-    spec = get_arch(model)  # unsupported families fail here, with one line
+
+def check_export_args(fmt: str, expert_format: str) -> None:
     if expert_format not in ("pack-quantized", "int-quantized"):
         raise OutlierqError(f"unknown expert_format {expert_format!r}: pack-quantized | int-quantized")
     if fmt not in FORMATS:
         raise OutlierqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = Path(out_dir)
-    check_target(out, "checkpoint", overwrite, inputs)
+
+
+def export_config(model: nn.Module, fmt: str, expert_format: str):
+    """The checkpoint's config: the model's, with the quantization_config for compressed-tensors
+    (only module types and names are read, so a layer-by-layer skeleton works too)."""
+    spec = get_arch(model)  # unsupported families fail here, with one line
     quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))]
     if fmt == "fp" and quantized:
         raise OutlierqError("format 'fp' writes the unquantized model; export before quantize_")
@@ -231,28 +257,34 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
             kept_float += [f"{spec.layers}.{i}.{spec.experts.router_ckpt}"
                            for i in range(len(decoder_layers(model, spec)))]
         config.quantization_config = _quantization_config(model, kept_float, expert_format)
-    with atomic_dir(out, "checkpoint", overwrite=overwrite) as tmp:
-        config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _write_shards(_state_dict(model, expert_format), tmp, max_shard_bytes)
-        info = {"format": fmt, "recipe": recipe_to_list(recipe or []), **stamp(), **(extra or {})}
-        if stats is not None:
-            info["calibration"] = {k: v for k, v in stats.meta.items()
-                                   if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}
-            info["stats_summary"] = summarize(stats)
-            # what the recipe resolved to: the alpha chosen per smoothing group, split sizes
-            info["chosen"] = {k: stats.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
-                                                         "split_channels", "expert_tokens") if k in stats.meta}
-            # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
-            info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
-        (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
-        files = output_files(tmp)
-        (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
-    return out
+    return config
+
+
+def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recipe: list | None,
+                 stats: ActivationStats | None, extra: dict | None) -> None:
+    """Everything beside the weight shards (already in `tmp`): config, generation config,
+    tokenizer, outlierq.json, and last the SHA256SUMS manifest over every file."""
+    from .mitigate.recipe import recipe_to_list
+
+    config.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    info = {"format": fmt, "recipe": recipe_to_list(recipe or []), **stamp(), **(extra or {})}
+    if stats is not None:
+        info["calibration"] = {k: v for k, v in stats.meta.items()
+                               if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}
+        info["stats_summary"] = summarize(stats)
+        # what the recipe resolved to: the alpha chosen per smoothing group, split sizes
+        info["chosen"] = {k: stats.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
+                                                     "split_channels", "expert_tokens") if k in stats.meta}
+        # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
+        info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
+    (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
+    files = output_files(tmp)
+    (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
 
 
 def state_bytes(model: nn.Module) -> int:

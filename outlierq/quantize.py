@@ -270,16 +270,18 @@ def expert_names(spec: ArchSpec, layer: str, e: int) -> tuple[str, str, str]:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
-              progress: bool = True, check_stats: bool = True) -> nn.Module:
+              progress: bool = True, check_stats: bool = True, only: list[int] | None = None) -> nn.Module:
     """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;
     returns the model. `stats` (needed for static activations) must describe this model as it is
     now: statistics from before a mitigation are refused unless check_stats=False, which risks
-    static scales that no longer fit the weights."""
-    prepare(model)
+    static scales that no longer fit the weights. only: just these decoder layers (the
+    layer-by-layer pipeline; the caller has checked the statistics)."""
+    if only is None:
+        prepare(model)
     spec = get_arch(model)
     if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
-    if stats is not None:
+    if stats is not None and only is None:
         stats.check_matches(model, exact=check_stats)
     if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
         raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
@@ -288,12 +290,14 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
                             "fused tensors here: use W8A8")
     names = quantizable(model, spec)
-    if isinstance(config, W8A8):
+    if isinstance(config, W8A8) and (only is None or 0 in only):  # (layer 0 first: all still float)
         unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in names)]
         if unmatched:
             raise OutlierqError(f"token_for pattern {unmatched[0]!r} matches no quantizable Linear "
                                 "(e.g. 'down_proj', '*mlp.down_proj', 're:.*layers\\.0\\..*')")
-    targets = [(n, model.get_submodule(n)) for n in names if not matches(n, config.skip)]
+    mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
+    targets = [(n, model.get_submodule(n)) for n in names
+               if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
@@ -305,6 +309,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         set_module(model, name, new)
     if spec.experts is not None:
         for i, layer in enumerate(decoder_layers(model, spec)):
+            if only is not None and i not in only:
+                continue
             pre = f"{spec.layers}.{i}"
             gate, _, down = expert_names(spec, pre, 0)
             acts = (config.act_for(gate) or "none", config.act_for(down) or "none")

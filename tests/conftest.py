@@ -134,7 +134,14 @@ def char_tokenizer(vocab: int = 128):
 
 
 def tiny_model_dir(path, family: str, **over):
-    """A tiny model of `family` with planted outliers and a character tokenizer, saved to `path`."""
-    tiny_model(family, outliers=True, **over).save_pretrained(path)
+    """A tiny model of `family` with planted outliers and a character tokenizer, saved to `path`
+    in the family's own checkpoint layout (GPT-2: Conv1D weights [in, out])."""
+    from pathlib import Path
+
+    from outlierq.checkpoint import MANIFEST, export
+
+    export(tiny_model(family, outliers=True, **over), path, fmt="fp")
+    for extra in ("outlierq.json", MANIFEST, ".outlierq"):  # a plain HF directory, not our export
+        (Path(path) / extra).unlink(missing_ok=True)
     char_tokenizer().save_pretrained(path)
     return path

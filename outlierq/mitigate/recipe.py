@@ -95,20 +95,25 @@ def _value(v: str) -> Any:
 
 
 def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
-             check_stats: bool = True) -> ActivationStats:
+             check_stats: bool = True, only: list[int] | None = None) -> ActivationStats:
     """Apply each mitigation in order (in place); returns the statistics of the mitigated model.
-    What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice."""
-    prepare(model)
-    stats.check_matches(model, exact=check_stats)
+    What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice.
+
+    only: change just these decoder layers (the layer-by-layer pipeline, whose other layers are
+    not in memory); the caller has checked the statistics, and the result has no fingerprint."""
+    if only is None:
+        prepare(model)
+        stats.check_matches(model, exact=check_stats)
     if not recipe:
         return stats
-    for note in get_arch(model).notes:
-        warnings.warn(note, OutlierqNotice, stacklevel=2)
+    if only is None or 0 in only:
+        for note in get_arch(model).notes:
+            warnings.warn(note, OutlierqNotice, stacklevel=2)
     for cfg in recipe:
         m = lookup(cfg)
         if m.needs_rows(cfg) and not stats.samples:
             raise OutlierqError(f"{m.name} {cfg} needs kept calibration rows: calibrate with "
                                 "keep_rows > 0 (CLI: --keep-rows 256)")
-        stats = m.apply(model, stats, cfg)
-    stats.meta = dict(stats.meta, fingerprint=fingerprint(model))
+        stats = m.apply(model, stats, cfg, only)
+    stats.meta = dict(stats.meta, fingerprint=fingerprint(model) if only is None else None)
     return stats

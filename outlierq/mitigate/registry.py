@@ -12,7 +12,9 @@ from ..errors import OutlierqError
 class Mitigation:
     name: str
     config: type
-    apply: Callable                       # apply(model, stats, cfg) -> stats of the mitigated model
+    # apply(model, stats, cfg, only=None) -> stats of the mitigated model; `only`: the decoder
+    # layer indices to change (the layer-by-layer pipeline), None = all
+    apply: Callable
     needs_rows: Callable[[Any], bool]     # does this config need kept calibration rows?
     exact_stats: bool                     # statistics carry over exactly (no recalibration needed)
 

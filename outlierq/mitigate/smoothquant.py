@@ -123,12 +123,16 @@ def _row_maxima(cmap: torch.Tensor, x_max: torch.Tensor, w_max: torch.Tensor):
 
 
 @torch.no_grad()
-def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant) -> ActivationStats:
-    """Fold SmoothQuant into `model`'s weights; returns statistics of the smoothed model."""
+def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant,
+                      only: list[int] | None = None) -> ActivationStats:
+    """Fold SmoothQuant into `model`'s weights (only decoder layers `only` if given); returns
+    statistics of the smoothed model."""
     spec: ArchSpec = get_arch(model)
     chosen: dict[str, float | None] = {}
     cfg_text = text_config(model)
     for i, layer in enumerate(decoder_layers(model, spec)):
+        if only is not None and i not in only:
+            continue
         pre = f"{spec.layers}.{i}."
         for g in spec.groups:
             ex = resolve(layer, g.experts) if g.experts else None
@@ -177,7 +181,8 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
                 stats = rescale_inputs(stats, [name], s)
                 chosen[name] = a
             surgery.scale_expert_pairs(ex, torch.stack(factors))
-    stats.meta = dict(stats.meta, smoothquant_alpha=chosen)
+    stats.meta = dict(stats.meta, smoothquant_alpha={**stats.meta.get("smoothquant_alpha", {}), **chosen}
+                      if only is not None else chosen)
     return stats
 
 

@@ -54,21 +54,27 @@ def split_plan(absmax: torch.Tensor, budget: int, ratio: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit) -> ActivationStats:
+def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit,
+                only: list[int] | None = None) -> ActivationStats:
+    """Split outlier channels of every layer (only `only`'s weights if given: the plan, and so the
+    padded size, still comes from every layer's statistics, which must be as calibrated)."""
     spec = get_arch(model)
     mlp = spec.mlp
     if mlp is None:  # the family's notes (shown by mitigate) say why
         return stats
     layers = decoder_layers(model, spec)
     cfg_text = text_config(model)
-    size = resolve(layers[0], mlp.down).in_features  # (GPT-2's n_inner may be None: 4 * n_embd)
+    names = [f"{spec.layers}.{i}.{mlp.down}" for i in range(len(layers))]
+    # from the statistics, not the module: layer by layer, done layers already have the new size
+    size = stats.input_absmax(names[0]).numel()  # (GPT-2's n_inner may be None: 4 * n_embd)
     budget = max(1, math.floor(cfg.expand * size))
-    plans = [split_plan(stats.input_absmax(f"{spec.layers}.{i}.{mlp.down}"), budget, cfg.ratio)
-             for i in range(len(layers))]
+    plans = [split_plan(stats.input_absmax(n), budget, cfg.ratio) for n in names]
     new_size = size + max(int((p - 1).sum()) for p in plans)
     if new_size == size:
         return stats
     for i, (layer, parts) in enumerate(zip(layers, plans)):
+        if only is not None and i not in only:
+            continue
         extra = torch.repeat_interleave(torch.arange(size), parts - 1)
         pad = new_size - size - extra.numel()
 

@@ -44,9 +44,21 @@ def fingerprint(model: nn.Module) -> str:
     float64, 9 significant digits): equal for the same weights, different after a mitigation
     rescaled them or for another model of the same shapes."""
     spec = get_arch(model)
-    h = hashlib.sha256(spec.family.encode())
-    for name, p in resolve(model, spec.layers).named_parameters():
+    h = fingerprint_start(spec.family)
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        fingerprint_layer(h, layer, i)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_start(family: str):
+    return hashlib.sha256(family.encode())
+
+
+@torch.no_grad()
+def fingerprint_layer(h, layer: nn.Module, i: int) -> None:
+    """Add decoder layer i to fingerprint hash `h` (the layer-by-layer pipeline feeds the layers
+    one at a time; `h.hexdigest()[:16]` then equals `fingerprint` of the whole model)."""
+    for name, p in layer.named_parameters(prefix=str(i)):
         if p.is_floating_point():
             d = p.detach().double()
             h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.9g}:{d.pow(2).sum().item():.9g};".encode())
-    return h.hexdigest()[:16]

@@ -1,0 +1,96 @@
+"""Data-parallel calibration on torch.distributed (gloo on CPU, nccl on CUDA).
+
+Each rank runs every world-th batch of the calibration windows (`calibration.batches`); the
+statistics are then reduced exactly, on every rank: maxima with all_reduce MAX, float64 sums and
+int64 counts with SUM, top-k entries and kept rows gathered and put back in batch order. Kept rows
+are drawn per (seed, batch, tensor), so they are the very rows a one-process run keeps. Rank 0
+mitigates, quantizes and writes; the other ranks write nothing.
+
+    torchrun --nproc-per-node 2 -m outlierq calibrate ...      (or: outlierq calibrate --nproc 2)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes in the environment (no-op without one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def is_writer() -> bool:
+    return rank_world()[0] == 0
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m outlierq <argv>` under torchrun with `nproc` processes on this machine; each
+    process gets an equal share of the CPU threads. Returns torchrun's exit code."""
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "outlierq", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def _reduce(tensors: list[torch.Tensor], op) -> list[torch.Tensor]:
+    """One collective over many tensors of one dtype: flatten, reduce, split back."""
+    if not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=op)
+    return list(torch.split(flat, [t.numel() for t in tensors]))
+
+
+@torch.no_grad()
+def reduce_recorder(rec, my_batches: list[int]) -> None:
+    """Make every rank's calibration recorder hold the statistics of all ranks' batches."""
+    from .calibration import TensorStats
+
+    tables = [(t, n) for t in (rec.inputs, rec.residual) for n in t]
+    stats = [t[n] for t, n in tables]
+    for field, op in (("absmax", dist.ReduceOp.MAX), ("abssum", dist.ReduceOp.SUM),
+                      ("counts", dist.ReduceOp.SUM), ("token_hist", dist.ReduceOp.SUM)):
+        parts = _reduce([getattr(s, field) for s in stats], op)
+        for s, p in zip(stats, parts):
+            setattr(s, field, p.reshape(getattr(s, field).shape).clone())
+    tokens = torch.tensor([s.tokens for s in stats], dtype=torch.int64)
+    dist.all_reduce(tokens)
+    mine = {"top": [(s.top_values, s.top_where) for s in stats], "fired": rec.fired,
+            "experts": rec.expert_tokens, "batches": my_batches, "samples": rec.samples}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for i, s in enumerate(stats):
+        s.tokens = int(tokens[i])
+        merged = TensorStats.empty(0, 0)
+        merged.top_values, merged.top_where = s.top_values[:0], s.top_where[:0]
+        for other in everyone:
+            merged._merge_top(*other["top"][i])
+        s.top_values, s.top_where = merged.top_values, merged.top_where
+    rec.fired = {n: sum(o["fired"].get(n, 0) for o in everyone) for t, n in tables}
+    experts: dict[str, torch.Tensor] = {}
+    for o in everyone:
+        for k, v in o["experts"].items():
+            experts[k] = experts.get(k, 0) + v
+    rec.expert_tokens = experts
+    # kept rows: one part per batch for every Linear input; back in batch order. Linears that
+    # share one tensor (q/k/v) keep sharing it (pickle keeps identity within one object).
+    order = sorted((b, r, j) for r, o in enumerate(everyone) for j, b in enumerate(o["batches"]))
+    names = dict.fromkeys(n for o in everyone for n in o["samples"])
+    by_first: dict[int, list] = {}
+    rec.samples = {}
+    for name in names:
+        parts = [everyone[r]["samples"][name][j] for b, r, j in order]
+        rec.samples[name] = by_first.setdefault(id(parts[0]), parts)

@@ -1,0 +1,370 @@
+"""Models bigger than memory: the pipeline one decoder layer at a time.
+
+The model is never materialized whole. Its skeleton is built on the meta device (accelerate's
+`init_empty_weights`), the tensors outside the decoder layers (embeddings, final norm, head) are
+loaded, and each decoder layer is loaded from the checkpoint's safetensors (memory-mapped,
+tensor by tensor) when its turn comes and sent back to the meta device after it:
+
+1. Calibrate. The model's own forward runs once with every decoder layer replaced by a
+   pass-through that records its call (masks, rotary embeddings, per-layer-type masks as Gemma
+   passes them), so nothing about a family's forward is re-implemented. Then layer by layer:
+   load it, run every batch's hidden states through it under the calibration hooks, keep its
+   outputs (float) as the next layer's inputs, free it. The final norm's output feeds the head's
+   hook last.
+2. Mitigate, quantize, write. Layer by layer again (loaded a second time: memory-mapped reads
+   are cheap next to the forward): apply the recipe to that layer, quantize it, write its tensors
+   as one shard of the export, free it. Then the tensors outside the layers, the config, and the
+   manifest, inside the same atomic directory as `export`.
+
+Two passes instead of one because channel splitting pads every layer to the largest split, which
+needs every layer's statistics first. The contract, tested on every family: the statistics and
+the export are bit-identical to the in-memory pipeline's (same recipe, windows and seed).
+Supported: mitigations whose only cross-layer input is the calibrated statistics (all of ours,
+with `split` first in the recipe or after steps that do not change its statistics)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import ActivationStats, batches, finish, head_skipped, recorder
+from .errors import OutlierqError
+from .mitigate.recipe import mitigate, recipe_to_list
+from .mitigate.registry import lookup
+from .models.arch import check_supported, decoder_layers, get_arch, resolve
+from .models.prepare import fingerprint_layer, fingerprint_start, prepare
+from .provenance import atomic_dir, check_target
+from .quantize import LLMInt8, W8A8, quantize_
+
+# checkpoint prefixes older transformers wrote for multimodal models, as (model, checkpoint)
+_LEGACY = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+           ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head."),
+           ("lm_head.", "embed_out."))  # (GPT-NeoX)
+
+
+class Checkpoint:
+    """A Hugging Face safetensors checkpoint read one tensor at a time (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            files = None
+        else:
+            raise OutlierqError(f"{self.path} has no safetensors checkpoint (model.safetensors or "
+                                "model.safetensors.index.json); the layer-by-layer pipeline reads only those")
+        self._files = {f: safe_open(str(self.path / f), "pt")
+                       for f in (set(files.values()) if files else {"model.safetensors"})}
+        self._where = files or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's name for model tensor `name` (None if it has none)."""
+        if name in self._where:
+            return name
+        for new, old in _LEGACY:
+            if name.startswith(new) and old + name[len(new):] in self._where:
+                return old + name[len(new):]
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        if key is None:
+            raise OutlierqError(f"{self.path}: no tensor {name!r} in the checkpoint; the layer-by-layer "
+                                "pipeline cannot map this checkpoint's layout (drop --sequential)")
+        return self._files[self._where[key]].get_tensor(key)
+
+    def bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self._files)
+
+
+def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of checkpoint `path` with every parameter on the meta device (buffers such as
+    rotary frequencies are real), in outlierq's one shape (Conv1D -> Linear)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if getattr(cfg, "architectures", None):
+        check_supported(cfg.architectures[0])
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    prepare(model)
+    return model.eval().requires_grad_(False)
+
+
+def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value.to(mod._parameters[attr].dtype), requires_grad=False)
+    else:
+        mod._buffers[attr] = value.to(mod._buffers[attr].dtype)
+
+
+def load_rest(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Load every tensor outside the decoder layers (embeddings, final norm, head, vision tower)."""
+    spec = get_arch(model)
+    for name in model.state_dict():
+        if name.startswith(spec.layers + "."):
+            continue
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        _assign(model, name, ckpt.get(name))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def load_layer(model: nn.Module, ckpt: Checkpoint, i: int) -> nn.Module:
+    """Materialize decoder layer i from the checkpoint (the conversions `checkpoint.load` makes for
+    float checkpoints: Conv1D transposed, per-expert Linears stacked into fused experts)."""
+    from .quantize import expert_names
+
+    spec = get_arch(model)
+    layer = decoder_layers(model, spec)[i]
+    pre = f"{spec.layers}.{i}"
+    experts = f"{spec.experts.path}." if spec.experts else None
+    for name in layer.state_dict():
+        if experts and name.startswith(experts):
+            continue
+        full = f"{pre}.{name}"
+        if spec.experts and name == f"{spec.router}.weight":
+            full = f"{pre}.{spec.experts.router_ckpt}.weight"
+        t = ckpt.get(full)
+        if name.endswith(".weight") and name[:-len(".weight")] in spec.conv1d:
+            t = t.t()  # Conv1D stores [in, out]
+        _assign(layer, name, t.contiguous())
+    if spec.experts:
+        ex = resolve(layer, spec.experts.path)
+        n = ex.gate_up_proj.shape[0]
+        names = [expert_names(spec, pre, e) for e in range(n)]
+        _assign(ex, "gate_up_proj", torch.stack([torch.cat([ckpt.get(f"{g}.weight"), ckpt.get(f"{u}.weight")])
+                                                 for g, u, _ in names]))
+        _assign(ex, "down_proj", torch.stack([ckpt.get(f"{d}.weight") for _, _, d in names]))
+    return layer
+
+
+def free_layer(model: nn.Module, i: int) -> None:
+    decoder_layers(model)[i].to("meta")
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Call(nn.Module):
+    """Stands in for decoder layer i during the capture pass: records how the model calls it.
+    Only layer 0's hidden-state input is used later, so what it returns to the loop does not
+    matter (Falcon indexes a tuple); the last one stops the forward."""
+
+    def __init__(self, calls: list, last: bool):
+        super().__init__()
+        self.calls, self.last = calls, last
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _capture(model: nn.Module, windows: torch.Tensor, batch_size: int, mine: list[int]) -> list[list]:
+    """For every decoder layer, the (args, kwargs) of its call on each batch of `mine`."""
+    layers = decoder_layers(model)
+    real = list(layers)
+    calls: list[list] = [[] for _ in real]
+    for i in range(len(real)):
+        layers[i] = _Call(calls[i], last=i == len(real) - 1)
+    try:
+        for b in mine:
+            try:
+                model(input_ids=windows[b * batch_size: (b + 1) * batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i, m in enumerate(real):
+            layers[i] = m
+    return calls
+
+
+def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
+
+
+@torch.no_grad()
+def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tensor, thresholds=None,
+                         batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
+                         progress: bool = True, meta: dict | None = None) -> ActivationStats:
+    """`calibration.calibrate`, one decoder layer in memory at a time: bit-identical statistics.
+    `model`: a `skeleton` with `load_rest` done. Under torch.distributed each rank runs its share
+    of the batches through each layer; the statistics are reduced once at the end (they are
+    per-layer reductions, so reducing per layer or at the end gives the same numbers)."""
+    from . import distributed
+    from .calibration import DEFAULT_THRESHOLDS
+
+    spec = get_arch(model)
+    rank, world = distributed.rank_world()
+    mine = batches(windows.shape[0], batch_size, rank, world)
+    calls = _capture(model, windows, batch_size, mine)
+    rec = recorder(model, windows, thresholds or DEFAULT_THRESHOLDS, batch_size, keep_rows, seed, backend)
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]
+    # A layer's output is the next layer's input: the hooks reduce that tensor once (see
+    # _Recorder._stats) in memory, so carry each batch's last reduction across layers here too.
+    lasts: list = [None] * len(mine)
+    fp = fingerprint_start(spec.family)
+    n = len(calls)
+    try:
+        bar = tqdm(range(n), desc="calibrate (layer by layer)", unit="layer", disable=not progress or rank != 0)
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = load_layer(model, ckpt, i)
+            fingerprint_layer(fp, layer, i)
+            for j, b in enumerate(mine):
+                rec.sample0, rec.seqlen, rec.batch = b * batch_size, windows.shape[1], b
+                args, kwargs = _with_hidden(calls[i][j], hidden[j])
+                rec._last = lasts[j]
+                out = layer(*args, **kwargs)
+                hidden[j] = out[0] if isinstance(out, tuple) else out
+                lasts[j], rec._last = rec._last, None
+            free_layer(model, i)
+            bar.set_postfix(s_per_layer=f"{time.perf_counter() - t0:.1f}")
+        norm = resolve(model, spec.final_norm)
+        project = getattr(resolve(model, spec.final_norm.rpartition(".")[0]), "project_out", None)
+        head = model.get_output_embeddings()
+        with head_skipped(model):
+            for j, b in enumerate(mine):  # the head's input, as the model's forward computes it
+                rec.sample0, rec.seqlen, rec.batch = b * batch_size, windows.shape[1], b
+                rec._last = lasts[j]
+                h = norm(hidden[j])
+                head(project(h) if project is not None else h)
+                rec._last = lasts[j] = None
+    finally:
+        rec.close()
+    if world > 1:
+        distributed.reduce_recorder(rec, mine)
+    return finish(model, rec, windows, keep_rows, seed, meta, fp.hexdigest()[:16])
+
+
+def _layer_part(stats: ActivationStats, prefix: str) -> tuple[dict, dict]:
+    return ({k: v for k, v in stats.inputs.items() if k.startswith(prefix)},
+            {k: v for k, v in stats.samples.items() if k.startswith(prefix)})
+
+
+def check_recipe(configs: list) -> None:
+    """Refuse recipes whose global step would see other statistics layer by layer than in memory."""
+    for k, cfg in enumerate(configs):
+        if lookup(cfg).name == "split" and k > 0:
+            raise OutlierqError("the layer-by-layer pipeline needs split first in the recipe (its padded "
+                                "size comes from every layer's statistics as calibrated); reorder it")
+
+
+@torch.no_grad()
+def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: ActivationStats,
+                configs: list, scheme: W8A8 | LLMInt8 | None, tokenizer=None, fmt: str = "compressed-tensors",
+                overwrite: bool = False, expert_format: str = "pack-quantized", progress: bool = True,
+                extra: dict | None = None, inputs: tuple = ()) -> tuple[Path, ActivationStats]:
+    """Mitigate with `configs`, quantize with `scheme` and export to `out_dir`, one decoder layer
+    at a time. `model`: a `skeleton` with `load_rest` done; `stats`: its calibration statistics
+    (checked against the weights layer by layer). Returns (out_dir, statistics of the result)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import _state_dict, check_export_args, export_config, write_extras, write_index
+
+    if isinstance(scheme, LLMInt8):
+        raise OutlierqError("the layer-by-layer pipeline exports W8A8 (compressed-tensors); LLM.int8 "
+                            "is a load-time quantizer, use it in memory")
+    check_export_args(fmt, expert_format)
+    check_recipe(configs)
+    if (scheme is None) != (fmt == "fp"):
+        raise OutlierqError("format 'fp' writes the mitigated float model (no scheme); "
+                            "compressed-tensors needs a W8A8 scheme")
+    spec = get_arch(model)
+    out = Path(out_dir)
+    check_target(out, "checkpoint", overwrite, inputs)
+    n = len(decoder_layers(model, spec))
+    final = ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual), dict(stats.meta),
+                            dict(stats.samples))
+    fp = fingerprint_start(spec.family)
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_dir(out, "checkpoint", overwrite=overwrite) as tmp:
+        bar = tqdm(range(n), desc="mitigate+quantize+write (layer by layer)", unit="layer",
+                   disable=not progress)
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = load_layer(model, ckpt, i)
+            fingerprint_layer(fp, layer, i)
+            s = mitigate(model, stats, configs, only=[i])
+            if scheme is not None:
+                quantize_(model, scheme, s, progress=False, only=[i])
+            inputs_i, samples_i = _layer_part(s, f"{spec.layers}.{i}.")
+            final.inputs.update(inputs_i)
+            final.samples.update(samples_i)
+            final.meta.update({k: v for k, v in s.meta.items() if k != "smoothquant_alpha"})
+            if "smoothquant_alpha" in s.meta:
+                final.meta["smoothquant_alpha"] = {**final.meta.get("smoothquant_alpha", {}),
+                                                   **s.meta["smoothquant_alpha"]}
+            total += _write_part(save_file, _state_dict(model, expert_format, i), tmp, f"layer-{i:05d}", weight_map)
+            free_layer(model, i)
+            bar.set_postfix(s_per_layer=f"{time.perf_counter() - t0:.1f}")
+        if stats.meta.get("fingerprint") not in (None, fp.hexdigest()[:16]):
+            raise OutlierqError("statistics are stale: they describe different weights than this "
+                                "checkpoint has; recalibrate (nothing was written)")
+        total += _write_part(save_file, _state_dict(model, expert_format, "rest"), tmp, "rest", weight_map)
+        write_index(tmp, weight_map, total)
+        final.meta["fingerprint"] = None  # (of the mitigated weights: not computed layer by layer)
+        info = dict(extra or {}, pipeline="sequential")
+        write_extras(tmp, model, export_config(model, fmt, expert_format), tokenizer, fmt, configs, final, info)
+    return out, final
+
+
+def _write_part(save_file, tensors: dict[str, torch.Tensor], d: Path, tag: str, weight_map: dict) -> int:
+    fname = f"model-{tag}.safetensors"
+    save_file(tensors, str(d / fname), metadata={"format": "pt"})
+    weight_map.update({k: fname for k in tensors})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: Any, scheme, calibration,
+        dtype: torch.dtype = torch.float32, progress: bool = True, **export_kw) -> dict[str, Any]:
+    """The whole layer-by-layer chain from a checkpoint directory: calibrate (or use statistics),
+    then, with `out_dir`, mitigate + quantize + export. Returns {"stats", "final", "out"}."""
+    from . import distributed
+    from .pipeline import KEEP_ROWS, Calibration, _windows, resolve_recipe
+
+    act = scheme.act if isinstance(scheme, W8A8) else "token"
+    configs = resolve_recipe(recipe, act)
+    check_recipe(configs)
+    ckpt = Checkpoint(model_path)
+    model = skeleton(model_path, dtype)
+    model.outlierq_source = str(model_path)
+    load_rest(model, ckpt)
+    if isinstance(calibration, ActivationStats):
+        stats = calibration
+        stats.check_matches(model, exact=False)  # shapes now; the weights as the layers load
+    else:
+        cal = calibration if isinstance(calibration, Calibration) else Calibration()
+        needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
+        keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
+        windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
+        meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+        stats = calibrate_sequential(model, ckpt, windows, batch_size=cal.batch_size, keep_rows=keep,
+                                     seed=cal.seed, progress=progress, meta=meta)
+    result: dict[str, Any] = {"stats": stats, "final": None, "out": None, "recipe": recipe_to_list(configs)}
+    if out_dir is not None and distributed.is_writer():
+        result["out"], result["final"] = compress_to(model, ckpt, out_dir, stats, configs, scheme, tokenizer,
+                                                     progress=progress, **export_kw)
+    return result

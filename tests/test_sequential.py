@@ -1,0 +1,61 @@
+"""The layer-by-layer pipeline equals the in-memory one, bit for bit: statistics, weight codes,
+scales and config, on every family, for both activation modes and a searched alpha."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from outlierq import load_model
+from outlierq.checkpoint import export
+from outlierq.pipeline import compress
+from outlierq.quantize import W8A8
+from outlierq import sequential
+from conftest import FAMILIES, tiny_model_dir, token_batch
+
+RECIPE = "split:ratio=4+smoothquant:alpha=search,act={act}"
+
+
+def _tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_stats_equal(a, b):
+    assert a.inputs.keys() == b.inputs.keys() and a.residual.keys() == b.residual.keys()
+    for ta, tb in [(a.inputs, b.inputs), (a.residual, b.residual)]:
+        for k in ta:
+            for f in ("absmax", "abssum", "counts", "token_hist", "top_values", "top_where"):
+                assert torch.equal(getattr(ta[k], f), getattr(tb[k], f)), (k, f)
+            assert ta[k].tokens == tb[k].tokens
+    assert a.samples.keys() == b.samples.keys()
+    for k in a.samples:
+        assert torch.equal(a.samples[k], b.samples[k]), k
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_export_is_bit_identical(family, tmp_path):
+    src = tiny_model_dir(tmp_path / "src", family)
+    windows = token_batch(20, 24, seed=3)  # 3 batches of the default 8
+    for act in ("token", "tensor"):
+        scheme = W8A8(act=act)
+        model, tok = load_model(str(src))
+        ref = compress(model, tok, RECIPE, scheme, windows, progress=False)
+        export(model, tmp_path / f"mem-{act}", tok, recipe=ref.recipe, stats=ref.stats)
+        got = sequential.run(src, tmp_path / f"seq-{act}", tok, RECIPE, scheme, windows,
+                             progress=False)
+        assert_stats_equal(ref.stats_before, got["stats"])
+        assert ref.stats_before.meta["fingerprint"] == got["stats"].meta["fingerprint"]
+        a, b = _tensors(tmp_path / f"mem-{act}"), _tensors(tmp_path / f"seq-{act}")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        ca = json.loads((tmp_path / f"mem-{act}" / "config.json").read_text())
+        cb = json.loads((tmp_path / f"seq-{act}" / "config.json").read_text())
+        assert ca == cb
+        ja = json.loads((tmp_path / f"mem-{act}" / "outlierq.json").read_text())
+        jb = json.loads((tmp_path / f"seq-{act}" / "outlierq.json").read_text())
+        assert ja["chosen"] == jb["chosen"] and ja["recipe"] == jb["recipe"]

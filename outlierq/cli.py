@@ -57,6 +57,15 @@ def _add_calib(p: argparse.ArgumentParser, data_flag: str = "--data") -> None:
     p.add_argument("--batch-size", type=_count(1), default=8)
 
 
+def _add_scale(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sequential", action="store_true",
+                   help="one decoder layer in memory at a time (models bigger than memory; chosen "
+                        "automatically, with a notice, when the float model would not fit)")
+    p.add_argument("--nproc", type=_count(1), default=1,
+                   help="data-parallel calibration over N processes on torch.distributed (launches "
+                        "torchrun; or run under torchrun yourself)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="outlierq", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -70,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also keep this many activation rows per Linear (for --alpha search)")
     p.add_argument("--out", default="stats.safetensors",
                    help="statistics file (replaces only an earlier outlierq statistics file)")
+    _add_scale(p)
 
     p = sub.add_parser("ppl", help="perplexity on WikiText-2 test (standard protocol)")
     _add_model(p)
@@ -105,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                             "(llm-compressor's W8A8 MoE layout)")
         p.add_argument("--out", required=True, help="checkpoint directory")
         p.add_argument("--overwrite", action="store_true")
+        _add_scale(p)
 
     p = sub.add_parser("run", help="the whole pipeline on one model: calibrate, detect, mitigate, "
                                    "quantize, export, and FP32 vs exported perplexity")
@@ -170,33 +181,90 @@ def _cmd_bench(a) -> None:
     bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget)
 
 
+def _scheme(a):
+    from .quantize import W8A8
+
+    token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
+    if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
+        return None
+    return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False))
+
+
+def _calibration(a):
+    from .calibration import ActivationStats
+    from .pipeline import Calibration
+
+    keep = getattr(a, "keep_rows", None)
+    stats = ActivationStats.load(a.stats) if getattr(a, "stats", None) else None
+    return stats or Calibration(a.calib_data, a.samples, a.seqlen, a.seed, a.batch_size,
+                                keep_rows=keep or None)
+
+
 def _prepare(a):
     """Load, then outlierq.compress: calibrate (or read stats), mitigate, quantize."""
     from . import load_model
-    from .calibration import ActivationStats
-    from .pipeline import Calibration, compress, resolve_recipe
-    from .quantize import W8A8
+    from .pipeline import compress, resolve_recipe
 
     recipe = resolve_recipe(a.recipe, a.act)  # bad recipes and stats files fail before the model load
-    stats = ActivationStats.load(a.stats) if a.stats else None
-    calib = stats or Calibration(a.calib_data, a.samples, a.seqlen, a.seed, a.batch_size)
+    calib = _calibration(a)
     model, tok = load_model(a.model, a.dtype)
-    token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
-    quantized = getattr(a, "format", "compressed-tensors") == "compressed-tensors"
-    scheme = W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False))
-    result = compress(model, tok, recipe, scheme if quantized else None,
-                      calib, check_stats=not getattr(a, "force_stats", False))
+    result = compress(model, tok, recipe, _scheme(a), calib, check_stats=not getattr(a, "force_stats", False))
     return model, tok, result.recipe, result.stats
+
+
+def _sequential_path(a) -> str | None:
+    """The checkpoint directory to stream layer by layer, if --sequential or if the float model
+    would not fit in memory (then with a notice); None for the in-memory pipeline."""
+    from . import sequential
+    from .models.load import DTYPES, resolve_model_path
+
+    if getattr(a, "stats", None) and getattr(a, "force_stats", False) and a.sequential:
+        raise OutlierqError("--force-stats is not available layer by layer (weights are checked as they load)")
+    path = resolve_model_path(a.model)
+    if not a.sequential and not sequential.too_big(path, DTYPES.get(a.dtype, a.dtype)):
+        return None
+    if not Path(path).is_dir():
+        raise OutlierqError(f"--sequential reads a local checkpoint directory; download {a.model!r} first "
+                            "(huggingface-cli download) and pass its path")
+    if not a.sequential:
+        import warnings
+
+        from .errors import OutlierqNotice
+        warnings.warn("the float model would not fit in the memory available: running layer by layer "
+                      "(--sequential)", OutlierqNotice, stacklevel=2)
+    return path
+
+
+def _run_sequential(a, path: str, out: str | None, thresholds=None):
+    from transformers import AutoTokenizer
+
+    from . import sequential
+    from .models.load import DTYPES
+
+    if a.dtype not in DTYPES:
+        raise OutlierqError(f"unknown dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a)) if out else {}
+    return sequential.run(path, out, tok, getattr(a, "recipe", "none"), _scheme(a), _calibration(a),
+                          DTYPES[a.dtype], thresholds=thresholds, **kw)
 
 
 def _cmd_quantize(a) -> None:
     from .checkpoint import dir_mb, export
+    from .distributed import is_writer
 
     _check_out(a, "checkpoint")
+    path = _sequential_path(a)
+    if path is not None:
+        res = _run_sequential(a, path, a.out)
+        if res["out"] is not None:
+            print(f"wrote {res['out']} ({a.format}, {dir_mb(res['out']):.1f} MB; layer by layer)")
+        return
     model, tok, recipe, stats = _prepare(a)
-    out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a),
-                 expert_format=a.expert_format)
-    print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
+    if is_writer():
+        out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a),
+                     expert_format=a.expert_format)
+        print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
 _cmd_export = _cmd_quantize
@@ -256,21 +324,30 @@ def _check_out(a, kind: str) -> None:
 def _cmd_calibrate(a) -> None:
     from . import calibrate, data, load_model
     from .calibration import is_stats_file
+    from .distributed import is_writer
     from .provenance import check_file_target
 
     check_file_target(a.out, "statistics file", is_stats_file)
-    thresholds = a.thresholds
-    model, tok = load_model(a.model, a.dtype)
-    data.check_seqlen(model, a.seqlen)
-    ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
-    wins = data.calib_windows(ids, a.samples, a.seqlen, a.seed)
-    stats = calibrate(model, wins, thresholds, batch_size=a.batch_size, keep_rows=a.keep_rows,
-                      seed=a.seed, meta={"data": a.calib_data})
+    path = _sequential_path(a)
+    if path is not None:
+        a.recipe, a.format, a.stats, a.act = "none", "compressed-tensors", None, "token"
+        stats = _run_sequential(a, path, None, a.thresholds)["stats"]
+        tokens = int(stats.meta["tokens"])
+    else:
+        model, tok = load_model(a.model, a.dtype)
+        data.check_seqlen(model, a.seqlen)
+        ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
+        wins = data.calib_windows(ids, a.samples, a.seqlen, a.seed)
+        stats = calibrate(model, wins, a.thresholds, batch_size=a.batch_size, keep_rows=a.keep_rows,
+                          seed=a.seed, meta={"data": a.calib_data})
+        tokens = wins.numel()
+    if not is_writer():
+        return
     stats.save(a.out)
     top = max(stats.residual.items(), key=lambda kv: kv[1].absmax.max().item())
     ch = int(top[1].absmax.argmax())
     print(f"wrote {a.out}: {len(stats.inputs)} Linear inputs, {len(stats.residual)} residual "
-          f"layers, {wins.numel()} tokens; largest residual value {top[1].absmax[ch].item():.1f} "
+          f"layers, {tokens} tokens; largest residual value {top[1].absmax[ch].item():.1f} "
           f"at {top[0]} channel {ch}")
 
 
@@ -300,7 +377,17 @@ def _on_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from . import distributed
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        i = next(i for i, v in enumerate(argv) if v == "--nproc" or v.startswith("--nproc="))
+        rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+        return distributed.launch(args.nproc, rest)
+    distributed.init_from_env()
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         globals()[f"_cmd_{args.cmd}"](args)

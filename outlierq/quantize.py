@@ -79,13 +79,25 @@ class LLMInt8:
 def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: (codes [N, K] int8, scale [N] f32), scale = absmax/127,
-    or clip[n] * absmax/127 with a clip ratio per output channel (values beyond it saturate)."""
-    if clip is None:
+    or clip[n] * absmax/127 with a clip ratio per output channel (values beyond it saturate).
+
+    A bf16/fp16 weight gets its scale rounded to that dtype first (the checkpoint stores scales in
+    the model dtype) and its codes from the rounded scale, so the model outlierq evaluates is the
+    one it exports."""
+    low = w.dtype in (torch.bfloat16, torch.float16)
+    if clip is None and not low:
         q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
         return q, scale
     wf = w.detach().float()
-    scale = (wf.abs().amax(1) * clip.float() / 127.0).clamp(min=1e-12)
+    scale = (wf.abs().amax(1) * (1.0 if clip is None else clip.float()) / 127.0).clamp(min=1e-12)
+    if low:
+        scale = scale.to(w.dtype).float().clamp(min=torch.finfo(w.dtype).tiny)
     return (wf * scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def stored_scale(value: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An activation scale as the checkpoint stores it (in the model dtype), back in float32."""
+    return torch.as_tensor(value, dtype=torch.float32).clamp(min=1e-12).to(dtype).float()
 
 
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00, 0.98, ..., 0.80
@@ -137,7 +149,7 @@ class Int8Linear(nn.Module):
         if act == "tensor":
             if input_scale is None:
                 raise OutlierqError("static per-tensor activations need calibration statistics")
-            m.input_scale.fill_(max(float(input_scale), 1e-12))
+            m.input_scale.copy_(stored_scale(float(input_scale), lin.weight.dtype).reshape(m.input_scale.shape))
         return m.to(lin.weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -211,7 +223,7 @@ class Int8Experts(nn.Module):
             if buf is not None:
                 if sc is None:
                     raise OutlierqError("static per-tensor activations need calibration statistics")
-                buf.copy_(torch.as_tensor(sc, dtype=torch.float32).clamp(min=1e-12))
+                buf.copy_(stored_scale(sc, ex.gate_up_proj.dtype))
         return m.to(ex.gate_up_proj.device)
 
     def _mm(self, x: torch.Tensor, e: int, which: str) -> torch.Tensor:

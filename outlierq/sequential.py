@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, batches, finish, head_skipped, recorder
 from .errors import OutlierqError
-from .mitigate.recipe import mitigate, recipe_to_list
+from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, recipe_to_list
 from .mitigate.registry import lookup
 from .models.arch import check_supported, decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
@@ -224,6 +224,7 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
     # A layer's output is the next layer's input: the hooks reduce that tensor once (see
     # _Recorder._stats) in memory, so carry each batch's last reduction across layers here too.
     lasts: list = [None] * len(mine)
+    seconds: list[float] = []
     fp = fingerprint_start(spec.family)
     n = len(calls)
     try:
@@ -240,7 +241,8 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
                 hidden[j] = out[0] if isinstance(out, tuple) else out
                 lasts[j], rec._last = rec._last, None
             free_layer(model, i)
-            bar.set_postfix(s_per_layer=f"{time.perf_counter() - t0:.1f}")
+            seconds.append(time.perf_counter() - t0)
+            bar.set_postfix(s_per_layer=f"{seconds[-1]:.1f}")
         norm = resolve(model, spec.final_norm)
         project = getattr(resolve(model, spec.final_norm.rpartition(".")[0]), "project_out", None)
         head = model.get_output_embeddings()
@@ -255,20 +257,9 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
         rec.close()
     if world > 1:
         distributed.reduce_recorder(rec, mine)
-    return finish(model, rec, windows, keep_rows, seed, meta, fp.hexdigest()[:16])
-
-
-def _layer_part(stats: ActivationStats, prefix: str) -> tuple[dict, dict]:
-    return ({k: v for k, v in stats.inputs.items() if k.startswith(prefix)},
-            {k: v for k, v in stats.samples.items() if k.startswith(prefix)})
-
-
-def check_recipe(configs: list) -> None:
-    """Refuse recipes whose global step would see other statistics layer by layer than in memory."""
-    for k, cfg in enumerate(configs):
-        if lookup(cfg).name == "split" and k > 0:
-            raise OutlierqError("the layer-by-layer pipeline needs split first in the recipe (its padded "
-                                "size comes from every layer's statistics as calibrated); reorder it")
+    stats = finish(model, rec, windows, keep_rows, seed, meta, fp.hexdigest()[:16])
+    stats.meta["layer_seconds"] = seconds
+    return stats
 
 
 @torch.no_grad()
@@ -287,7 +278,7 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
         raise OutlierqError("the layer-by-layer pipeline exports W8A8 (compressed-tensors); LLM.int8 "
                             "is a load-time quantizer, use it in memory")
     check_export_args(fmt, expert_format)
-    check_recipe(configs)
+    check_layer_major(configs)
     if (scheme is None) != (fmt == "fp"):
         raise OutlierqError("format 'fp' writes the mitigated float model (no scheme); "
                             "compressed-tensors needs a W8A8 scheme")
@@ -295,11 +286,11 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
     out = Path(out_dir)
     check_target(out, "checkpoint", overwrite, inputs)
     n = len(decoder_layers(model, spec))
-    final = ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual), dict(stats.meta),
-                            dict(stats.samples))
+    final = layer_result(stats)
     fp = fingerprint_start(spec.family)
     weight_map: dict[str, str] = {}
     total = 0
+    seconds: list[float] = []
     with atomic_dir(out, "checkpoint", overwrite=overwrite) as tmp:
         bar = tqdm(range(n), desc="mitigate+quantize+write (layer by layer)", unit="layer",
                    disable=not progress)
@@ -307,19 +298,14 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
             t0 = time.perf_counter()
             layer = load_layer(model, ckpt, i)
             fingerprint_layer(fp, layer, i)
-            s = mitigate(model, stats, configs, only=[i])
+            s = mitigate_layer(model, stats, configs, i, final)
             if scheme is not None:
                 quantize_(model, scheme, s, progress=False, only=[i])
-            inputs_i, samples_i = _layer_part(s, f"{spec.layers}.{i}.")
-            final.inputs.update(inputs_i)
-            final.samples.update(samples_i)
-            final.meta.update({k: v for k, v in s.meta.items() if k != "smoothquant_alpha"})
-            if "smoothquant_alpha" in s.meta:
-                final.meta["smoothquant_alpha"] = {**final.meta.get("smoothquant_alpha", {}),
-                                                   **s.meta["smoothquant_alpha"]}
             total += _write_part(save_file, _state_dict(model, expert_format, i), tmp, f"layer-{i:05d}", weight_map)
             free_layer(model, i)
-            bar.set_postfix(s_per_layer=f"{time.perf_counter() - t0:.1f}")
+            seconds.append(time.perf_counter() - t0)
+            bar.set_postfix(s_per_layer=f"{seconds[-1]:.1f}")
+        final.meta["layer_seconds_write"] = seconds
         if stats.meta.get("fingerprint") not in (None, fp.hexdigest()[:16]):
             raise OutlierqError("statistics are stale: they describe different weights than this "
                                 "checkpoint has; recalibrate (nothing was written)")
@@ -338,8 +324,38 @@ def _write_part(save_file, tensors: dict[str, torch.Tensor], d: Path, tag: str, 
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def too_big(path: str | Path, dtype: torch.dtype = torch.float32, fraction: float = 0.5) -> bool:
+    """Would the float model at checkpoint directory `path`, in `dtype`, take more than `fraction`
+    of the memory available now? (The in-memory pipeline needs about twice the model: weight
+    surgery in float64 one tensor at a time, int8 codes beside the float weights.)"""
+    p = Path(path)
+    files = list(p.glob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return False
+    stored = 4
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+        stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.get("dtype") or cfg.get("torch_dtype"), 4)
+    except (OSError, ValueError):
+        pass
+    need = sum(f.stat().st_size for f in files) * torch.tensor([], dtype=dtype).element_size() / stored
+    return need > fraction * available_bytes()
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); a large number where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: Any, scheme, calibration,
-        dtype: torch.dtype = torch.float32, progress: bool = True, **export_kw) -> dict[str, Any]:
+        dtype: torch.dtype = torch.float32, progress: bool = True, thresholds=None,
+        **export_kw) -> dict[str, Any]:
     """The whole layer-by-layer chain from a checkpoint directory: calibrate (or use statistics),
     then, with `out_dir`, mitigate + quantize + export. Returns {"stats", "final", "out"}."""
     from . import distributed
@@ -347,7 +363,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
 
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
-    check_recipe(configs)
+    check_layer_major(configs)
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     model.outlierq_source = str(model_path)
@@ -361,7 +377,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
         keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
         windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
         meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
-        stats = calibrate_sequential(model, ckpt, windows, batch_size=cal.batch_size, keep_rows=keep,
+        stats = calibrate_sequential(model, ckpt, windows, thresholds, batch_size=cal.batch_size, keep_rows=keep,
                                      seed=cal.seed, progress=progress, meta=meta)
     result: dict[str, Any] = {"stats": stats, "final": None, "out": None, "recipe": recipe_to_list(configs)}
     if out_dir is not None and distributed.is_writer():

@@ -59,3 +59,32 @@ def test_sequential_export_is_bit_identical(family, tmp_path):
         ja = json.loads((tmp_path / f"mem-{act}" / "outlierq.json").read_text())
         jb = json.loads((tmp_path / f"seq-{act}" / "outlierq.json").read_text())
         assert ja["chosen"] == jb["chosen"] and ja["recipe"] == jb["recipe"]
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_cli_sequential_matches_in_memory_and_is_chosen_when_too_big(tmp_path, monkeypatch):
+    from outlierq.cli import main
+
+    src = tiny_model_dir(tmp_path / "src", "Gemma3ForCausalLM")
+    quick = ["--samples", "6", "--seqlen", "32", "--batch-size", "4", "--model", str(src)]
+    assert main(["quantize", "--out", str(tmp_path / "mem")] + quick) == 0
+    assert main(["quantize", "--out", str(tmp_path / "seq"), "--sequential"] + quick) == 0
+    monkeypatch.setattr(sequential, "available_bytes", lambda: 1000)  # "the model does not fit"
+    with pytest.warns(UserWarning, match="would not fit"):
+        assert main(["quantize", "--out", str(tmp_path / "auto")] + quick) == 0
+    a = _tensors(tmp_path / "mem")
+    for d in ("seq", "auto"):
+        b = _tensors(tmp_path / d)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "auto" / "outlierq.json").read_text())["pipeline"] == "sequential"
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_sequential_refuses_split_after_a_step_that_changes_its_statistics(tmp_path):
+    from outlierq.errors import OutlierqError
+
+    src = tiny_model_dir(tmp_path / "src", "LlamaForCausalLM")
+    model, tok = load_model(str(src))
+    with pytest.raises(OutlierqError, match="split must come first"):
+        sequential.run(src, tmp_path / "out", tok, "smoothquant+split", W8A8(), token_batch(4, 16))
+    assert not (tmp_path / "out").exists()

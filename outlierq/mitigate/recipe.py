@@ -9,11 +9,12 @@ from pathlib import Path
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..calibration import ActivationStats
 from ..errors import OutlierqError, OutlierqNotice
-from ..models.arch import get_arch
+from ..models.arch import decoder_layers, get_arch
 from ..models.prepare import fingerprint, prepare
 from . import smoothquant, split  # noqa: F401  (each registers itself)
 from .registry import MITIGATIONS, lookup
@@ -99,6 +100,9 @@ def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
     """Apply each mitigation in order (in place); returns the statistics of the mitigated model.
     What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice.
 
+    bf16/fp16 models are mitigated one decoder layer at a time held in float32 (each surgery
+    step computes in float64) and cast back once (`mitigate_layer`), so a weight that two steps
+    rescale is rounded to bf16 once, not twice.
     only: change just these decoder layers (the layer-by-layer pipeline, whose other layers are
     not in memory); the caller has checked the statistics, and the result has no fingerprint."""
     if only is None:
@@ -109,6 +113,12 @@ def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
     if only is None or 0 in only:
         for note in get_arch(model).notes:
             warnings.warn(note, OutlierqNotice, stacklevel=2)
+    if only is None and _low_precision(model):
+        out = layer_result(stats)
+        for i in range(len(decoder_layers(model))):
+            mitigate_layer(model, stats, recipe, i, out)
+        out.meta = dict(out.meta, fingerprint=fingerprint(model))
+        return out
     for cfg in recipe:
         m = lookup(cfg)
         if m.needs_rows(cfg) and not stats.samples:
@@ -117,3 +127,51 @@ def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
         stats = m.apply(model, stats, cfg, only)
     stats.meta = dict(stats.meta, fingerprint=fingerprint(model) if only is None else None)
     return stats
+
+
+def _low_precision(model: nn.Module) -> bool:
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in decoder_layers(model).parameters())
+
+
+def check_layer_major(recipe: list) -> None:
+    """Layer by layer, a step that plans over every layer must see the statistics as calibrated:
+    `split` (padded to the largest split) has to come first."""
+    for k, cfg in enumerate(recipe):
+        if lookup(cfg).name == "split" and k > 0:
+            raise OutlierqError("layer by layer (--sequential, or a bf16/fp16 model) split must come first "
+                                "in the recipe: its padded size comes from every layer's statistics as "
+                                "calibrated; reorder it")
+
+
+def layer_result(stats: ActivationStats) -> ActivationStats:
+    """A copy of `stats` for `mitigate_layer` to fill in, one layer at a time."""
+    return ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual), dict(stats.meta),
+                           dict(stats.samples))
+
+
+@torch.no_grad()
+def mitigate_layer(model: nn.Module, stats: ActivationStats, recipe: list, i: int,
+                   out: ActivationStats) -> ActivationStats:
+    """Apply the whole recipe to decoder layer i only, its parameters held in float32 meanwhile
+    (not float64: a 3B model's layer would take 1 GB) and cast back once; `stats` as calibrated (every layer). Layer i's entries of the result go
+    into `out` (alphas chosen merged); returns the result."""
+    check_layer_major(recipe)
+    layer = decoder_layers(model)[i]
+    own = {id(p): p.dtype for p in layer.parameters()}
+    low = set(own.values()) & {torch.bfloat16, torch.float16}
+    dtype = low.pop() if low else None
+    if dtype is not None:  # float32 holds every intermediate rounding far below a bf16/fp16 ulp
+        for p in layer.parameters():
+            p.data = p.data.float()
+    s = mitigate(model, stats, recipe, only=[i])
+    if dtype is not None:  # modules a step replaced were built in float32 too
+        for p in layer.parameters():
+            p.data = p.data.to(own.get(id(p), dtype))
+    prefix = f"{get_arch(model).layers}.{i}."
+    out.inputs.update({k: v for k, v in s.inputs.items() if k.startswith(prefix)})
+    out.samples.update({k: v for k, v in s.samples.items() if k.startswith(prefix)})
+    alphas = {**out.meta.get("smoothquant_alpha", {}), **s.meta.get("smoothquant_alpha", {})}
+    out.meta.update(s.meta)
+    if alphas:
+        out.meta["smoothquant_alpha"] = alphas
+    return s

@@ -153,8 +153,9 @@ def layer_result(stats: ActivationStats) -> ActivationStats:
 def mitigate_layer(model: nn.Module, stats: ActivationStats, recipe: list, i: int,
                    out: ActivationStats) -> ActivationStats:
     """Apply the whole recipe to decoder layer i only, its parameters held in float32 meanwhile
-    (not float64: a 3B model's layer would take 1 GB) and cast back once; `stats` as calibrated (every layer). Layer i's entries of the result go
-    into `out` (alphas chosen merged); returns the result."""
+    (not float64: a 3B model's layer would take 1 GB) and cast back once; `stats` as calibrated
+    (every layer). Layer i's entries of the result go into `out` (alphas chosen merged); returns
+    the result."""
     check_layer_major(recipe)
     layer = decoder_layers(model)[i]
     own = {id(p): p.dtype for p in layer.parameters()}

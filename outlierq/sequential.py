@@ -62,9 +62,10 @@ class Checkpoint:
         else:
             raise OutlierqError(f"{self.path} has no safetensors checkpoint (model.safetensors or "
                                 "model.safetensors.index.json); the layer-by-layer pipeline reads only those")
-        self._files = {f: safe_open(str(self.path / f), "pt")
-                       for f in (set(files.values()) if files else {"model.safetensors"})}
-        self._where = files or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+        if files is None:
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
+        self._where = files
 
     def key(self, name: str) -> str | None:
         """The checkpoint's name for model tensor `name` (None if it has none)."""
@@ -80,10 +81,12 @@ class Checkpoint:
         if key is None:
             raise OutlierqError(f"{self.path}: no tensor {name!r} in the checkpoint; the layer-by-layer "
                                 "pipeline cannot map this checkpoint's layout (drop --sequential)")
-        return self._files[self._where[key]].get_tensor(key)
+        # Opened per tensor and closed again: a file stays memory-mapped only while open, and
+        # the pages read from a mapping count in the process's RSS for as long as it lives.
+        from safetensors import safe_open
 
-    def bytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in self._files)
+        with safe_open(str(self.path / self._where[key]), "pt") as f:
+            return f.get_tensor(key)
 
 
 def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

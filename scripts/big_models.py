@@ -107,10 +107,15 @@ def _cpu() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def _child(args: list[str], env: dict | None = None) -> dict:
+def _env(**extra: str) -> dict:
+    """Children import this checkout's outlierq (a clean worktree's, not an editable install)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
+
+
+def _child(args: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "_one", *args, "--result", f.name]
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run(cmd, check=True, env=_env())
         return json.loads(Path(f.name).read_text())
 
 
@@ -209,7 +214,7 @@ def dp(a) -> list[dict]:
         f = Path(a.scratch) / f"dp-{len(files)}.safetensors"
         f.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        subprocess.run(base + ["--out", str(f)] + extra, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        subprocess.run(base + ["--out", str(f)] + extra, check=True, env=_env(OMP_NUM_THREADS=threads))
         rows.append({"part": "dp", "model": a.model, "mode": mode, "samples": a.samples, "seqlen": a.seqlen,
                      "wall_s": time.perf_counter() - t0, "cpu": _cpu(), **stamp()})
         files[mode] = ActivationStats.load(f)

@@ -92,7 +92,8 @@ def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor |
     scale = (wf.abs().amax(1) * (1.0 if clip is None else clip.float()) / 127.0).clamp(min=1e-12)
     if low:
         scale = scale.to(w.dtype).float().clamp(min=torch.finfo(w.dtype).tiny)
-    return (wf * scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    wf = wf if wf is not w else wf.clone()  # (scaled in place below: never the caller's tensor)
+    return wf.mul_(scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def stored_scale(value: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ Supported: mitigations whose only cross-layer input is the calibrated statistics
 with `split` first in the recipe or after steps that do not change its statistics)."""
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -157,8 +158,41 @@ def load_layer(model: nn.Module, ckpt: Checkpoint, i: int) -> nn.Module:
     return layer
 
 
+def drop_embeddings(model: nn.Module) -> None:
+    """Send the token embedding and the output head (the largest tensors outside the layers) to
+    the meta device; `load_rest` brings them back for writing."""
+    for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if m is not None:
+            m.to("meta")
+    _trim()
+
+
 def free_layer(model: nn.Module, i: int) -> None:
+    """Send layer i back to the meta device and hand the freed memory back to the system: without
+    malloc_trim, glibc keeps the freed heap of every layer and the RSS grows by ~80 MB per 3B
+    layer (measured)."""
     decoder_layers(model)[i].to("meta")
+    _trim()
+
+
+def _trim() -> None:
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 class _Stop(Exception):
@@ -212,7 +246,8 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
                          batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
                          progress: bool = True, meta: dict | None = None) -> ActivationStats:
     """`calibration.calibrate`, one decoder layer in memory at a time: bit-identical statistics.
-    `model`: a `skeleton` with `load_rest` done. Under torch.distributed each rank runs its share
+    `model`: a `skeleton` with `load_rest` done (embeddings and head are dropped again after the
+    first pass). Under torch.distributed each rank runs its share
     of the batches through each layer; the statistics are reduced once at the end (they are
     per-layer reductions, so reducing per layer or at the end gives the same numbers)."""
     from . import distributed
@@ -222,6 +257,7 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
     rank, world = distributed.rank_world()
     mine = batches(windows.shape[0], batch_size, rank, world)
     calls = _capture(model, windows, batch_size, mine)
+    drop_embeddings(model)  # only the capture pass embeds tokens; the head's hook needs no weight
     rec = recorder(model, windows, thresholds or DEFAULT_THRESHOLDS, batch_size, keep_rows, seed, backend)
     hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]
     # A layer's output is the next layer's input: the hooks reduce that tensor once (see
@@ -271,7 +307,8 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
                 overwrite: bool = False, expert_format: str = "pack-quantized", progress: bool = True,
                 extra: dict | None = None, inputs: tuple = ()) -> tuple[Path, ActivationStats]:
     """Mitigate with `configs`, quantize with `scheme` and export to `out_dir`, one decoder layer
-    at a time. `model`: a `skeleton` with `load_rest` done; `stats`: its calibration statistics
+    at a time. `model`: a `skeleton` (what lies outside the layers is loaded at the end); `stats`:
+    its calibration statistics
     (checked against the weights layer by layer). Returns (out_dir, statistics of the result)."""
     from safetensors.torch import save_file
 
@@ -312,6 +349,7 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
         if stats.meta.get("fingerprint") not in (None, fp.hexdigest()[:16]):
             raise OutlierqError("statistics are stale: they describe different weights than this "
                                 "checkpoint has; recalibrate (nothing was written)")
+        load_rest(model, ckpt)  # (embeddings and head were not needed until now)
         total += _write_part(save_file, _state_dict(model, expert_format, "rest"), tmp, "rest", weight_map)
         write_index(tmp, weight_map, total)
         final.meta["fingerprint"] = None  # (of the mitigated weights: not computed layer by layer)
@@ -370,7 +408,6 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     model.outlierq_source = str(model_path)
-    load_rest(model, ckpt)
     if isinstance(calibration, ActivationStats):
         stats = calibration
         stats.check_matches(model, exact=False)  # shapes now; the weights as the layers load
@@ -380,6 +417,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
         keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
         windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
         meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+        load_rest(model, ckpt)
         stats = calibrate_sequential(model, ckpt, windows, thresholds, batch_size=cal.batch_size, keep_rows=keep,
                                      seed=cal.seed, progress=progress, meta=meta)
     result: dict[str, Any] = {"stats": stats, "final": None, "out": None, "recipe": recipe_to_list(configs)}

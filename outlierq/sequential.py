@@ -193,6 +193,15 @@ def _libc():
 
 
 _LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+
+
+def _return_freed_memory() -> None:
+    """Tensors of 1 MB and more get their own mapping, returned to the system when freed. glibc's
+    default threshold rises to 32 MB after the first large free, so a 3B layer's activations
+    (26 MB each) fragment the heap: peak RSS 2.3 GB instead of 1.5 GB (measured, random 3B)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 class _Stop(Exception):
@@ -241,15 +250,46 @@ def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple[tuple, dict]:
     return args, dict(kwargs, hidden_states=hidden)
 
 
+class _Spill:
+    """Hidden states in memory-mapped files, two generations (layer i reads i-1's, writes i's)."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="outlierq-hidden-"))
+        self.bufs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def put(self, i: int, j: int, t: torch.Tensor) -> torch.Tensor:
+        key = (i % 2, j)
+        if key not in self.bufs:
+            f = self.dir / f"{key[0]}-{j}.bin"
+            with f.open("wb") as fh:
+                fh.truncate(t.numel() * t.element_size())
+            self.bufs[key] = torch.from_file(str(f), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        buf = self.bufs[key]
+        buf.copy_(t)
+        return buf
+
+    def close(self) -> None:
+        import shutil
+
+        self.bufs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @torch.no_grad()
 def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tensor, thresholds=None,
                          batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
-                         progress: bool = True, meta: dict | None = None) -> ActivationStats:
+                         progress: bool = True, meta: dict | None = None,
+                         spill_bytes: int | None = None) -> ActivationStats:
     """`calibration.calibrate`, one decoder layer in memory at a time: bit-identical statistics.
     `model`: a `skeleton` with `load_rest` done (embeddings and head are dropped again after the
-    first pass). Under torch.distributed each rank runs its share
-    of the batches through each layer; the statistics are reduced once at the end (they are
-    per-layer reductions, so reducing per layer or at the end gives the same numbers)."""
+    first pass). Under torch.distributed each rank runs its share of the batches through each
+    layer; the statistics are reduced once at the end (they are per-layer reductions, so reducing
+    per layer or at the end gives the same numbers).
+
+    The hidden states of every window (a layer's inputs and outputs) stay in memory up to
+    `spill_bytes` (default: a quarter of the memory available), else in memory-mapped files."""
     from . import distributed
     from .calibration import DEFAULT_THRESHOLDS
 
@@ -260,6 +300,8 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
     drop_embeddings(model)  # only the capture pass embeds tokens; the head's hook needs no weight
     rec = recorder(model, windows, thresholds or DEFAULT_THRESHOLDS, batch_size, keep_rows, seed, backend)
     hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]
+    need = 2 * sum(h.numel() * h.element_size() for h in hidden)
+    spill = _Spill() if need > (available_bytes() // 4 if spill_bytes is None else spill_bytes) else None
     # A layer's output is the next layer's input: the hooks reduce that tensor once (see
     # _Recorder._stats) in memory, so carry each batch's last reduction across layers here too.
     lasts: list = [None] * len(mine)
@@ -279,6 +321,10 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
                 out = layer(*args, **kwargs)
                 hidden[j] = out[0] if isinstance(out, tuple) else out
                 lasts[j], rec._last = rec._last, None
+                if spill is not None:  # (the reduction is carried to the copy: same values)
+                    hidden[j] = spill.put(i, j, hidden[j])
+                    if lasts[j] is not None:
+                        lasts[j] = (hidden[j], *lasts[j][1:])
             free_layer(model, i)
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(s_per_layer=f"{seconds[-1]:.1f}")
@@ -294,6 +340,8 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
                 rec._last = lasts[j] = None
     finally:
         rec.close()
+        if spill is not None:
+            spill.close()
     if world > 1:
         distributed.reduce_recorder(rec, mine)
     stats = finish(model, rec, windows, keep_rows, seed, meta, fp.hexdigest()[:16])
@@ -396,7 +444,7 @@ def available_bytes() -> int:
 
 def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: Any, scheme, calibration,
         dtype: torch.dtype = torch.float32, progress: bool = True, thresholds=None,
-        **export_kw) -> dict[str, Any]:
+        spill_bytes: int | None = None, **export_kw) -> dict[str, Any]:
     """The whole layer-by-layer chain from a checkpoint directory: calibrate (or use statistics),
     then, with `out_dir`, mitigate + quantize + export. Returns {"stats", "final", "out"}."""
     from . import distributed
@@ -405,6 +453,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
     check_layer_major(configs)
+    _return_freed_memory()
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     model.outlierq_source = str(model_path)
@@ -419,7 +468,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
         meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
         load_rest(model, ckpt)
         stats = calibrate_sequential(model, ckpt, windows, thresholds, batch_size=cal.batch_size, keep_rows=keep,
-                                     seed=cal.seed, progress=progress, meta=meta)
+                                     seed=cal.seed, progress=progress, meta=meta, spill_bytes=spill_bytes)
     result: dict[str, Any] = {"stats": stats, "final": None, "out": None, "recipe": recipe_to_list(configs)}
     if out_dir is not None and distributed.is_writer():
         result["out"], result["final"] = compress_to(model, ckpt, out_dir, stats, configs, scheme, tokenizer,

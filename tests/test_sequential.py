@@ -88,3 +88,15 @@ def test_sequential_refuses_split_after_a_step_that_changes_its_statistics(tmp_p
     with pytest.raises(OutlierqError, match="split must come first"):
         sequential.run(src, tmp_path / "out", tok, "smoothquant+split", W8A8(), token_batch(4, 16))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["Olmo2ForCausalLM", "FalconForCausalLM"])
+def test_hidden_states_spilled_to_disk_give_the_same_statistics(family, tmp_path):
+    """Olmo 2's q/k/v read the layer input directly: the reduction shared with the previous
+    layer's output must survive the copy into the memory-mapped file."""
+    src = tiny_model_dir(tmp_path / "src", family)
+    windows = token_batch(20, 24, seed=3)
+    mem = sequential.run(src, None, None, "smoothquant:alpha=search", W8A8(), windows, progress=False)
+    disk = sequential.run(src, None, None, "smoothquant:alpha=search", W8A8(), windows, progress=False,
+                          spill_bytes=0)
+    assert_stats_equal(mem["stats"], disk["stats"])

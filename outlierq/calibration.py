@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .errors import OutlierqError
 from .models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
-from .models.prepare import fingerprint, prepare
+from .models.prepare import fingerprint, input_device, prepare
 from .provenance import atomic_path, stamp
 
 DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
@@ -352,7 +352,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
 
     prepare(model)
     rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend)
-    device = next(model.parameters()).device
+    device = input_device(model)
     rank, world = distributed.rank_world()
     mine = batches(windows.shape[0], batch_size, rank, world)
     try:

@@ -100,3 +100,20 @@ def test_hidden_states_spilled_to_disk_give_the_same_statistics(family, tmp_path
     disk = sequential.run(src, None, None, "smoothquant:alpha=search", W8A8(), windows, progress=False,
                           spill_bytes=0)
     assert_stats_equal(mem["stats"], disk["stats"])
+
+
+def test_model_dispatched_by_accelerate_calibrates_like_the_in_memory_one(tmp_path):
+    """device_map="auto" with every weight offloaded to disk: the same statistics and fingerprint."""
+    from transformers import AutoModelForCausalLM
+
+    from outlierq import calibrate
+
+    src = tiny_model_dir(tmp_path / "src", "LlamaForCausalLM")
+    windows = token_batch(8, 16)
+    ref = calibrate(load_model(str(src))[0], windows, keep_rows=16, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory={"cpu": "100KB"},
+                                                 offload_folder=str(tmp_path / "offload"))
+    assert set(model.hf_device_map.values()) == {"disk"}
+    got = calibrate(model.eval().requires_grad_(False), windows, keep_rows=16, progress=False)
+    assert_stats_equal(ref, got)
+    assert ref.meta["fingerprint"] == got.meta["fingerprint"]

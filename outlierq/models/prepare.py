@@ -57,8 +57,28 @@ def fingerprint_start(family: str):
 @torch.no_grad()
 def fingerprint_layer(h, layer: nn.Module, i: int) -> None:
     """Add decoder layer i to fingerprint hash `h` (the layer-by-layer pipeline feeds the layers
-    one at a time; `h.hexdigest()[:16]` then equals `fingerprint` of the whole model)."""
-    for name, p in layer.named_parameters(prefix=str(i)):
-        if p.is_floating_point():
-            d = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.9g}:{d.pow(2).sum().item():.9g};".encode())
+    one at a time; `h.hexdigest()[:16]` then equals `fingerprint` of the whole model). Weights
+    that accelerate offloaded (meta parameters) are read back module by module."""
+    from contextlib import nullcontext
+
+    for mod_name, mod in layer.named_modules(prefix=str(i)):
+        own = list(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        if any(p.is_meta for _, p in own):
+            from accelerate.utils import align_module_device
+            ctx = align_module_device(mod, torch.device("cpu"))
+        else:
+            ctx = nullcontext()
+        with ctx:
+            for name, p in mod.named_parameters(recurse=False):
+                if p.is_floating_point():
+                    d = p.detach().double()
+                    h.update(f"{mod_name}.{name}:{tuple(p.shape)}:{d.sum().item():.9g}:"
+                             f"{d.pow(2).sum().item():.9g};".encode())
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the first parameter that holds data (a model dispatched by accelerate
+    may keep its first ones on the meta device, offloaded to CPU memory or disk)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))

@@ -264,7 +264,7 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
                  stats: ActivationStats | None, extra: dict | None) -> None:
     """Everything beside the weight shards (already in `tmp`): config, generation config,
     tokenizer, outlierq.json, and last the SHA256SUMS manifest over every file."""
-    from .mitigate.recipe import recipe_to_list
+    from .mitigate.recipe import CHOSEN, recipe_to_list
 
     config.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
@@ -278,8 +278,7 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
                                if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}
         info["stats_summary"] = summarize(stats)
         # what the recipe resolved to: the alpha chosen per smoothing group, split sizes
-        info["chosen"] = {k: stats.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
-                                                     "split_channels", "expert_tokens") if k in stats.meta}
+        info["chosen"] = {k: stats.meta[k] for k in CHOSEN if k in stats.meta}
         # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
         info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
     (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))

@@ -7,6 +7,7 @@ users. In the spirit of llm-compressor's `oneshot`, with a short signature:
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from .calibration import ActivationStats, calibrate
 from .errors import OutlierqError
-from .mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from .mitigate.recipe import CHOSEN, mitigate, parse_recipe, recipe_to_list
 from .mitigate.registry import lookup
 from .models.prepare import prepare
 from .quantize import LLMInt8, W8A8, quantize_
@@ -75,6 +76,14 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act)
+    # Data-free steps (rotation) go first and change what statistics describe: apply them before
+    # calibrating. Statistics passed in must then describe the rotated model (the fingerprint).
+    first = [c for c in itertools.takewhile(lambda c: lookup(c).data_free, configs)]
+    if any(lookup(c).data_free for c in configs[len(first):]):
+        raise OutlierqError("a data-free step (rotate) must come first in the recipe")
+    if first:
+        mitigate(model, None, first)
+    configs = configs[len(first):]
     needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
     t0 = time.perf_counter()
     if calibration is None:
@@ -82,7 +91,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
             raise OutlierqError("this recipe / static scheme needs calibration statistics")
         if scheme is not None:
             quantize_(model, scheme, None, progress=progress)
-        return CompressResult(model, [], scheme, None, None, {"recipe": [], "calibration": None})
+        return CompressResult(model, first, scheme, None, None,
+                              {"recipe": recipe_to_list(first), "calibration": None})
     if isinstance(calibration, ActivationStats):
         stats = calibration  # mitigate() below checks they describe this model
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
@@ -97,13 +107,15 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     mitigated = mitigate(model, stats, configs, check_stats=check_stats)
+    if first:  # (the rotation ran before calibration: record it with the other choices)
+        mitigated.meta = dict(mitigated.meta, rotation=getattr(model, "outlierq_rotation", None))
     if scheme is not None:
         quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats)
+    configs = first + configs
     record = {"recipe": recipe_to_list(configs), "scheme": asdict(scheme) if scheme is not None else None,
               "calibration": calib_info, "calibrate_seconds": calib_s,
               "mitigate_quantize_seconds": time.perf_counter() - t0,
-              **{k: mitigated.meta[k] for k in ("smoothquant_alpha", "split_intermediate_size",
-                                                "split_channels", "expert_tokens") if k in mitigated.meta}}
+              **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 

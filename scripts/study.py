@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 
 from outlierq import calibrate, compress, load_model, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
-from outlierq.mitigate.recipe import parse_recipe, recipe_to_list
+from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
+from outlierq.mitigate.registry import lookup
 from outlierq.provenance import git_sha, stamp, write_json, write_text
 from outlierq.quantize import LLMInt8, W8A8
 
@@ -45,6 +47,10 @@ ROWS = [
      "split:ratio=4+smoothquant:alpha=search,act={act},objective=token", "both"),
     ("OCS split + SmoothQuant searched, per-token objective + weight clip",
      "split:ratio=4+smoothquant:alpha=search,act={act},objective=token", "both+clip"),
+    ("Rotate (randomized Hadamard)", "rotate", "both"),
+    ("Rotate + SmoothQuant searched", "rotate+smoothquant:alpha=search,act={act}", "both"),
+    ("Rotate + OCS split + SmoothQuant searched", "rotate+split:ratio=4+smoothquant:alpha=search,act={act}",
+     "both"),
 ]
 
 
@@ -94,15 +100,26 @@ def main() -> None:
     a.append = a.append or a.render
 
     name = Path(a.model).name
-    stats_cache: dict[str, tuple] = {}
+    stats_cache: dict[tuple, tuple] = {}
+    bases: dict[str, torch.nn.Module] = {}
 
-    def stats_for(data: str):
-        if data not in stats_cache:
+    def base_for(first: list):
+        """The model with the recipe's leading data-free steps (rotation) applied, once per spec:
+        rows that share them share the (rotated) model and its statistics."""
+        key = repr(first)
+        if key not in bases:
+            bases[key] = copy.deepcopy(model)
+            mitigate(bases[key], None, first)
+        return key, bases[key]
+
+    def stats_for(data: str, key: str = "[]", base=None):
+        if (data, key) not in stats_cache:
             w = calib_windows(tokenize(tok, read_text(data, "calib")), a.samples, a.seqlen, a.seed)
             t0 = time.perf_counter()
-            s = calibrate(model, w, keep_rows=a.keep_rows, seed=a.seed, meta={"data": data})
-            stats_cache[data] = (s, time.perf_counter() - t0)
-        return stats_cache[data]
+            s = calibrate(base if base is not None else model, w, keep_rows=a.keep_rows, seed=a.seed,
+                          meta={"data": data})
+            stats_cache[data, key] = (s, time.perf_counter() - t0)
+        return stats_cache[data, key]
 
     rows: list[dict] = []
     old = Path(a.out) / f"ppl_{name}.json"
@@ -118,14 +135,17 @@ def main() -> None:
                        "for the alpha search"}, **stamp()}
 
     def run(label, rec_spec, act, q, windows, data="wikitext2"):
-        m = copy.deepcopy(model)
         calib_s = 0.0
         stats = None
         recipe = parse_recipe(rec_spec.format(act=act)) if rec_spec else []
+        first = list(itertools.takewhile(lambda c: lookup(c).data_free, recipe))
+        key, base = base_for(first) if first else ("[]", model)
+        m = copy.deepcopy(base)
+        rest = recipe[len(first):]
         if recipe or (isinstance(q, W8A8) and (q.act == "tensor" or q.weight_clip)):
-            stats, calib_s = stats_for(data)
+            stats, calib_s = stats_for(data, key, base)
         t0 = time.perf_counter()
-        res = compress(m, tok, recipe, q, stats, progress=False)
+        res = compress(m, tok, rest, q, stats, progress=False)
         stats = res.stats
         prep_s = time.perf_counter() - t0
         r = perplexity(m, ids, 2048, windows, reference=model if label != "FP32" else None)
@@ -135,7 +155,8 @@ def main() -> None:
                "tokens_per_s": r.tokens_per_s, "kl": r.kl, "top1": r.top1, "git_sha": git_sha(),
                "alphas": stats.meta.get("smoothquant_alpha") if stats is not None else None,
                "split_intermediate_size": stats.meta.get("split_intermediate_size")
-               if stats is not None else None}
+               if stats is not None else None,
+               "rotation": getattr(base, "outlierq_rotation", None)}
         print(f"{label:40s} {act:7s} ppl {r.ppl:.3f} ({r.windows} windows, "
               f"{r.tokens_per_s:.0f} tok/s)", flush=True)
         del m

@@ -16,8 +16,12 @@ from ..calibration import ActivationStats
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch
 from ..models.prepare import fingerprint, prepare
-from . import smoothquant, split  # noqa: F401  (each registers itself)
+from . import rotate, smoothquant, split  # noqa: F401  (each registers itself)
 from .registry import MITIGATIONS, lookup
+
+
+# what a recipe resolved to, kept in the statistics' meta and in the export's outlierq.json
+CHOSEN = ("rotation", "smoothquant_alpha", "split_intermediate_size", "split_channels", "expert_tokens")
 
 
 def _name_of(cfg) -> str:
@@ -95,7 +99,7 @@ def _value(v: str) -> Any:
         return v
 
 
-def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
+def mitigate(model: nn.Module, stats: ActivationStats | None, recipe: list,
              check_stats: bool = True, only: list[int] | None = None) -> ActivationStats:
     """Apply each mitigation in order (in place); returns the statistics of the mitigated model.
     What the family's layout does not allow (see its ArchSpec notes) is skipped with a notice.
@@ -105,6 +109,17 @@ def mitigate(model: nn.Module, stats: ActivationStats, recipe: list,
     rescale is rounded to bf16 once, not twice.
     only: change just these decoder layers (the layer-by-layer pipeline, whose other layers are
     not in memory); the caller has checked the statistics, and the result has no fingerprint."""
+    free = [lookup(c) for c in recipe if lookup(c).data_free]
+    if free and (stats is not None or any(not lookup(c).data_free for c in recipe)):
+        raise OutlierqError(f"{free[0].name} needs no statistics and changes what they describe: apply it "
+                            f"alone before calibrating, mitigate(model, None, [{free[0].config.__name__}()]) "
+                            "(outlierq.compress does this for leading data-free steps)")
+    if stats is None:
+        if only is None:
+            prepare(model)
+        for cfg in recipe:
+            lookup(cfg).apply(model, None, cfg, only)
+        return None
     if only is None:
         prepare(model)
         stats.check_matches(model, exact=check_stats)
@@ -137,6 +152,9 @@ def check_layer_major(recipe: list) -> None:
     """Layer by layer, a step that plans over every layer must see the statistics as calibrated:
     `split` (padded to the largest split) has to come first."""
     for k, cfg in enumerate(recipe):
+        if lookup(cfg).data_free:
+            raise OutlierqError(f"{lookup(cfg).name} changes the embeddings and every layer at once: it runs "
+                                "in memory, not layer by layer (drop --sequential)")
         if lookup(cfg).name == "split" and k > 0:
             raise OutlierqError("layer by layer (--sequential, or a bf16/fp16 model) split must come first "
                                 "in the recipe: its padded size comes from every layer's statistics as "

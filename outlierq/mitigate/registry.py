@@ -17,14 +17,15 @@ class Mitigation:
     apply: Callable
     needs_rows: Callable[[Any], bool]     # does this config need kept calibration rows?
     exact_stats: bool                     # statistics carry over exactly (no recalibration needed)
+    data_free: bool = False               # needs no statistics: applied before calibration
 
 
 MITIGATIONS: dict[str, Mitigation] = {}
 
 
 def register(name: str, config: type, apply: Callable, needs_rows: Callable[[Any], bool] = lambda c: False,
-             exact_stats: bool = True) -> None:
-    MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, exact_stats)
+             exact_stats: bool = True, data_free: bool = False) -> None:
+    MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, exact_stats, data_free)
 
 
 def is_number(v: Any) -> bool:

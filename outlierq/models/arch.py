@@ -82,6 +82,9 @@ class ArchSpec:
     keep_float: tuple[str, ...] = ()   # Linears never quantized (with the reason in `notes`)
     conv1d: tuple[str, ...] = ()       # GPT-2 Conv1D modules: held as nn.Linear, saved transposed
     notes: tuple[str, ...] = field(default=())   # what is not applied, and why (shown as warnings)
+    # the residual stream is read by RMSNorms only (the groups' norms and the final norm) and
+    # written by `writers` only, so it can be rotated offline (mitigate/rotate.py)
+    rotatable: bool = False
 
     @property
     def router(self) -> str | None:
@@ -161,7 +164,8 @@ def _llama(cfg, family: str, norm_kind: NormKind = "rms", mlp_norm: str = "post_
         groups += (NormGroup(mlp_norm, _GATE_UP),)
     return ArchSpec(family=family, layers="model.layers", embed="model.embed_tokens",
                     final_norm="model.norm", norm_kind=norm_kind, groups=groups,
-                    pairs=(_VO, _UP_DOWN), writers=_LLAMA_WRITERS, act=_act(cfg), mlp=_GATED_MLP)
+                    pairs=(_VO, _UP_DOWN), writers=_LLAMA_WRITERS, act=_act(cfg), mlp=_GATED_MLP,
+                    rotatable=norm_kind == "rms")
 
 
 def _gemma(cfg, family: str) -> ArchSpec:
@@ -194,7 +198,7 @@ def _phi3(cfg) -> ArchSpec:
                LinearPair("mlp.gate_up_proj", "mlp.down_proj", "mlp", _second_half("intermediate_size"))),
         writers=_LLAMA_WRITERS, act=cfg.hidden_act,
         mlp=MLPSpec(up="mlp.gate_up_proj", gate=None, down="mlp.down_proj",
-                    size_attr="intermediate_size", fused=True))
+                    size_attr="intermediate_size", fused=True), rotatable=True)
 
 
 def _moe(cfg, family: str, ckpt: str, names: tuple[str, str, str], router_ckpt: str,

@@ -1,0 +1,154 @@
+"""Rotation of the residual stream (QuaRot / SpinQuant "R1", Ashkboos et al. 2024), folded into
+the weights: a data-free mitigation.
+
+Every norm's weight is folded into the Linears that read it (the norm weight becomes 1), then the
+residual stream x is replaced by x Q for an orthogonal Q: embeddings E -> E Q, every Linear that
+reads a norm W -> W Q (an RMSNorm commutes with Q once its weight is 1: ||x Q|| = ||x||), every
+Linear that writes the residual W -> Q^T W, and the head W -> W Q. The function is unchanged in
+exact arithmetic; the massive activations that live in a few residual channels are spread over
+all of them, so the inputs of q/k/v and gate/up quantize per token or per tensor with a much
+smaller range. The result is a standard checkpoint (norm weights 1; a tied head is untied, which
+adds a vocab x hidden float tensor to the export).
+
+Q is a randomized Hadamard matrix H diag(+-1) / sqrt(n): H = Sylvester(2^k) (x) Paley(m) with m - 1
+a prime = 3 mod 4 (576 = 8 x 72, 640 = 32 x 20, 3200 = 16 x 200, 896 = 4 x 224), else (no such
+factorisation) a random orthogonal matrix (QR of a Gaussian), named in a notice.
+
+Only families whose residual stream is read by RMSNorms alone and written by plain Linears:
+Llama-like and Phi-3. Gemma's post-sublayer norms sit between o_proj/down_proj and the residual
+(rotating would need an online rotation after them), LayerNorm subtracts the mean (needs a
+centering fold), post-norm layouts and MoE are not rotated: those get a notice and are left as
+they are. Online rotations (R2-R4, before o_proj / down_proj) are not applied: compressed-tensors
+checkpoints would need their `transform_config`, which transformers does not reload here."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import OutlierqError, OutlierqNotice
+from ..models.arch import decoder_layers, get_arch, resolve, text_config
+from .registry import register
+
+
+@dataclass(frozen=True)
+class Rotate:
+    seed: int = 0
+    kind: Literal["hadamard", "random"] = "hadamard"
+
+    def __post_init__(self):
+        if self.kind not in ("hadamard", "random"):
+            raise OutlierqError(f"rotate kind must be hadamard or random, got {self.kind!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) or self.seed != int(self.seed):
+            raise OutlierqError(f"rotate seed must be an integer, got {self.seed!r}")
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Hadamard matrix of order q + 1 (Paley construction I, q prime, q = 3 mod 4)."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    jac = chi[(idx[None, :] - idx[:, None]) % q]             # Jacobsthal matrix, antisymmetric
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None if outlierq has no
+    construction for n."""
+    if n & (n - 1) == 0:
+        return _sylvester(n)
+    for m in range(4, n + 1, 4):
+        if n % m == 0 and (n // m) & (n // m - 1) == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            return torch.kron(_sylvester(n // m), _paley(m - 1))
+    return None
+
+
+def rotation(n: int, cfg: Rotate) -> tuple[torch.Tensor, str]:
+    """An orthogonal n x n matrix (float64) and what it is."""
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    h = hadamard(n) if cfg.kind == "hadamard" else None
+    if h is not None:
+        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+        return h * signs[None, :] / math.sqrt(n), f"randomized Hadamard ({n})"
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :], f"random orthogonal ({n})"
+
+
+def _set(p: nn.Parameter, value64: torch.Tensor) -> None:
+    p.data = value64.to(p.dtype)
+
+
+@torch.no_grad()
+def apply_rotate(model: nn.Module, stats, cfg: Rotate, only: list[int] | None = None):
+    """Fold the norms and rotate the residual stream of `model` in place. Data-free: applied
+    before calibration (statistics taken earlier would describe another basis)."""
+    spec = get_arch(model)
+    if only is not None:
+        raise OutlierqError("rotate changes the embeddings and every layer at once: it runs in memory "
+                            "(not layer by layer)")
+    why = _not_rotatable(model, spec)
+    if why:
+        warnings.warn(f"rotate: {why}; not rotated", OutlierqNotice, stacklevel=3)
+        return stats
+    n = text_config(model).hidden_size
+    q, what = rotation(n, cfg)
+    if what.startswith("random orthogonal") and cfg.kind == "hadamard":
+        warnings.warn(f"rotate: no Hadamard construction for width {n}; using a {what}", OutlierqNotice,
+                      stacklevel=3)
+    embed = resolve(model, spec.embed)
+    head = model.get_output_embeddings()
+    final = resolve(model, spec.final_norm)
+    head_w = head.weight.detach().double() * final.weight.double()[None, :]
+    if head.weight is embed.weight:  # tied: the head becomes its own tensor
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for c in (model.config, text_config(model)):
+            c.tie_word_embeddings = False
+    _set(head.weight, head_w @ q)
+    _set(final.weight, torch.ones_like(final.weight, dtype=torch.float64))
+    _set(embed.weight, embed.weight.double() @ q)
+    for layer in decoder_layers(model, spec):
+        for g in spec.groups:
+            norm = resolve(layer, g.norm)
+            w = norm.weight.double()
+            for name in g.linears:
+                lin = resolve(layer, name)
+                _set(lin.weight, (lin.weight.double() * w[None, :]) @ q)
+            _set(norm.weight, torch.ones_like(w))
+        for name in spec.writers:
+            lin = resolve(layer, name)
+            _set(lin.weight, q.t() @ lin.weight.double())
+            if lin.bias is not None:
+                _set(lin.bias, lin.bias.double() @ q)
+    if stats is not None:
+        stats.meta = dict(stats.meta, rotation=what)
+    model.outlierq_rotation = what
+    return stats
+
+
+def _not_rotatable(model: nn.Module, spec) -> str | None:
+    if not spec.rotatable:
+        return (f"the {spec.family} layout is not rotatable offline (needs every residual reader to be "
+                "an RMSNorm and every writer a plain Linear)")
+    if getattr(resolve(model, spec.embed), "weight", None) is None:
+        return "no embedding weight"
+    return None
+
+
+register("rotate", Rotate, apply_rotate, data_free=True)

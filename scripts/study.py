@@ -54,6 +54,9 @@ ROWS = [
 ]
 
 
+UNQUANTIZED = ("FP32", "BF16 (unquantized; vs-FP32 column: vs this row)")
+
+
 def _quantizers(q):
     if q in ("both", "both+clip"):
         clip = q == "both+clip"
@@ -71,7 +74,7 @@ def _table(rows: list[dict], fp: dict[int, float]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = fp.get(r["windows"])
-        d = "—" if ref is None or r["label"] == "FP32" else f"{100 * (r['ppl'] / ref - 1):+.2f}%"
+        d = "—" if ref is None or r["label"] in UNQUANTIZED else f"{100 * (r['ppl'] / ref - 1):+.2f}%"
         kl = f"{r['kl']:.5f}" if r.get("kl") is not None else ""
         top1 = f"{100 * r['top1']:.2f}%" if r.get("top1") is not None else ""
         out.append(f"| {r['label']} | {r['act']} | {r['calib_data'] or '-'} | {r['ppl']:.3f} | {d} | {kl} | "
@@ -82,6 +85,9 @@ def _table(rows: list[dict], fp: dict[int, float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: the model is loaded, mitigated, quantized and evaluated in bf16 "
+                         "(results/ppl_<model>_bf16.*); KL and top-1 stay against the FP32 model")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -99,7 +105,7 @@ def main() -> None:
     a = ap.parse_args()
     a.append = a.append or a.render
 
-    name = Path(a.model).name
+    name = Path(a.model).name + ("" if a.dtype == "float32" else "_bf16")
     stats_cache: dict[tuple, tuple] = {}
     bases: dict[str, torch.nn.Module] = {}
 
@@ -129,7 +135,7 @@ def main() -> None:
     record = {"model": a.model, "protocol": {
         "eval": "WikiText-2 raw test, whole text tokenized once, non-overlapping windows of "
                 "2048 tokens from the start, remainder dropped, ppl = exp(mean token NLL)",
-        "seqlen": 2048, "dtype": "float32",
+        "seqlen": 2048, "dtype": a.dtype,
         "calibration": f"{a.samples} random windows x {a.seqlen} tokens (seed {a.seed}) of the "
                        f"named text's calibration split; {a.keep_rows} rows kept per Linear input "
                        "for the alpha search"}, **stamp()}
@@ -148,7 +154,10 @@ def main() -> None:
         res = compress(m, tok, rest, q, stats, progress=False)
         stats = res.stats
         prep_s = time.perf_counter() - t0
-        r = perplexity(m, ids, 2048, windows, reference=model if label != "FP32" else None)
+        fp_row = label == "FP32" and a.dtype == "float32"
+        r = perplexity(m, ids, 2048, windows, reference=None if fp_row else fp32)
+        if label == "FP32" and not fp_row:
+            label = UNQUANTIZED[1]
         row = {"label": label, "act": act, "recipe": recipe_to_list(recipe), "calib_data": data
                if stats is not None else None, "ppl": r.ppl, "windows": r.windows,
                "calib_seconds": calib_s, "mitigate_quantize_seconds": prep_s,
@@ -166,7 +175,7 @@ def main() -> None:
         write_json(Path(a.out) / f"ppl_{name}.json", dict(record, rows=rows))
         quick = [r for r in rows if r["windows"] == a.windows and r["calib_data"] in (None, "wikitext2")]
         other = [r for r in rows if r not in quick]
-        fps = {r["windows"]: r["ppl"] for r in rows if r["label"] == "FP32"}
+        fps = {r["windows"]: r["ppl"] for r in rows if r["label"] in UNQUANTIZED}
         md = [f"# Perplexity study: {a.model}", "",
               f"{record['protocol']['eval']}. Quick table: first {a.windows} windows. "
               f"Calibration: {record['protocol']['calibration']}. git {record['git_sha']}, "
@@ -186,7 +195,8 @@ def main() -> None:
         record.update({k: v for k, v in json.loads(old.read_text()).items() if k != "rows"})
         save()
         return
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, a.dtype)
+    fp32 = model if a.dtype == "float32" else load_model(a.model)[0]  # the KL / top-1 reference
     ids = tokenize(tok, read_text("wikitext2", "eval"))
     only = set(a.only.split(";")) if a.only else None
     for label, rec_spec, q in ROWS:

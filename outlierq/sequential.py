@@ -23,7 +23,6 @@ Supported: mitigations whose only cross-layer input is the calibrated statistics
 with `split` first in the recipe or after steps that do not change its statistics)."""
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
@@ -176,7 +175,6 @@ def free_layer(model: nn.Module, i: int) -> None:
 
 
 def _trim() -> None:
-    gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

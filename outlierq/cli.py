@@ -95,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         _add_model(p)
         _add_calib(p, "--calib-data")
         p.add_argument("--recipe", default=DEFAULT_RECIPE,
-                       help="mitigations: .json/.yaml file or inline, e.g. "
-                            "'smoothquant:alpha=0.5+split' ('none' for no mitigation)")
+                       help="mitigations: 'auto' (the best measured for the model's family and --act), "
+                            ".json/.yaml file or inline, e.g. 'smoothquant:alpha=0.5+split' ('none' for "
+                            "no mitigation)")
         p.add_argument("--act", choices=["token", "tensor"], default="token",
                        help="int8 activations: per-token dynamic or per-tensor static")
         p.add_argument("--token-for", default="",
@@ -205,10 +206,10 @@ def _prepare(a):
     from . import load_model
     from .pipeline import compress, resolve_recipe
 
-    recipe = resolve_recipe(a.recipe, a.act)  # bad recipes and stats files fail before the model load
+    resolve_recipe(a.recipe, a.act)  # bad recipes and stats files fail before the model load
     calib = _calibration(a)
     model, tok = load_model(a.model, a.dtype)
-    result = compress(model, tok, recipe, _scheme(a), calib, check_stats=not getattr(a, "force_stats", False))
+    result = compress(model, tok, a.recipe, _scheme(a), calib, check_stats=not getattr(a, "force_stats", False))
     return model, tok, result.recipe, result.stats
 
 
@@ -299,7 +300,10 @@ def _cmd_run(a) -> None:
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
     size = dir_mb(out)
-    rec = {"model": a.model, "recipe": a.recipe, "act": a.act, "export": str(out),
+    from .mitigate.recipe import recipe_to_list
+
+    rec = {"model": a.model, "recipe": a.recipe, "recipe_resolved": recipe_to_list(recipe), "act": a.act,
+           "export": str(out),
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)

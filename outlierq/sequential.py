@@ -449,11 +449,11 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     from .pipeline import KEEP_ROWS, Calibration, _windows, resolve_recipe
 
     act = scheme.act if isinstance(scheme, W8A8) else "token"
-    configs = resolve_recipe(recipe, act)
-    check_layer_major(configs)
-    _return_freed_memory()
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
+    configs = resolve_recipe(recipe, act, model)
+    check_layer_major(configs)
+    _return_freed_memory()
     model.outlierq_source = str(model_path)
     if isinstance(calibration, ActivationStats):
         stats = calibration

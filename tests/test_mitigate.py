@@ -212,3 +212,20 @@ def test_token_objective_weighs_every_row_alike():
     assert whole != pytest.approx(tok, rel=0.1)
     with pytest.raises(OutlierqError, match="objective"):
         SmoothQuant(None, objective="mean")
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("family, act, want", [
+    ("Gemma3ForCausalLM", "token", ["smoothquant"]),
+    ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
+    ("LlamaForCausalLM", "token", ["split", "smoothquant"]),
+    ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),
+])
+def test_auto_recipe_is_the_family_default(family, act, want):
+    from outlierq.pipeline import DEFAULTS, compress, default_recipe
+
+    model = tiny_model(family)
+    res = compress(model, None, "auto", W8A8(act=act), token_batch(4, 16), progress=False)
+    assert [next(iter(d)) for d in recipe_to_list(res.recipe)] == want
+    spec = default_recipe(get_arch(model).family, act)
+    assert spec in DEFAULTS.values() and recipe_to_list(res.recipe) == recipe_to_list(parse_recipe(spec.format(act=act)))

@@ -451,7 +451,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
-    configs = resolve_recipe(recipe, act, model)
+    configs = resolve_recipe(recipe, act, model, layer_by_layer=True)
     check_layer_major(configs)
     _return_freed_memory()
     model.outlierq_source = str(model_path)

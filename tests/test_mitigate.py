@@ -218,7 +218,9 @@ def test_token_objective_weighs_every_row_alike():
 @pytest.mark.parametrize("family, act, want", [
     ("Gemma3ForCausalLM", "token", ["smoothquant"]),
     ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
-    ("LlamaForCausalLM", "token", ["split", "smoothquant"]),
+    ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant"]),
+    ("LlamaForCausalLM", "tensor", ["split", "smoothquant"]),
+    ("MixtralForCausalLM", "token", ["split", "smoothquant"]),
     ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),
 ])
 def test_auto_recipe_is_the_family_default(family, act, want):
@@ -227,5 +229,5 @@ def test_auto_recipe_is_the_family_default(family, act, want):
     model = tiny_model(family)
     res = compress(model, None, "auto", W8A8(act=act), token_batch(4, 16), progress=False)
     assert [next(iter(d)) for d in recipe_to_list(res.recipe)] == want
-    spec = default_recipe(get_arch(model).family, act)
+    spec = default_recipe(get_arch(model), act)
     assert spec in DEFAULTS.values() and recipe_to_list(res.recipe) == recipe_to_list(parse_recipe(spec.format(act=act)))

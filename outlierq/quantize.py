@@ -88,11 +88,10 @@ def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor |
     if clip is None and not low:
         q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
         return q, scale
-    wf = w.detach().float()
+    wf = w.detach().to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
     scale = (wf.abs().amax(1) * (1.0 if clip is None else clip.float()) / 127.0).clamp(min=1e-12)
     if low:
         scale = scale.to(w.dtype).float().clamp(min=torch.finfo(w.dtype).tiny)
-    wf = wf if wf is not w else wf.clone()  # (scaled in place below: never the caller's tensor)
     return wf.mul_(scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 

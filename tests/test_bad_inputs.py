@@ -178,7 +178,7 @@ def test_more_numeric_flags(capsys, flags, msg):
     ("smoothquant:bogus=1", "unexpected keyword argument 'bogus'"),
     ("smoothquant++split", "empty step"),
     ("smoothquant:alpha", "write key=value"),
-    ("rotate", "unknown mitigation"),
+    ("hadamard", "unknown mitigation"),
     ("bad.json", "does not parse"),
     ("bad.yaml", "does not parse"),
     ("list.json", "must hold a list"),

@@ -148,7 +148,7 @@ def test_recipe_roundtrip_and_errors(tmp_path):
     assert parse_recipe("smoothquant:alpha=search,act=tensor+split") == [
         SmoothQuant(None, act="tensor"), ChannelSplit()]
     with pytest.raises(OutlierqError, match="unknown mitigation"):
-        parse_recipe("rotate")
+        parse_recipe("hadamard")
     with pytest.raises(OutlierqError, match="alpha"):
         SmoothQuant(alpha=1.5)
     with pytest.raises(OutlierqError, match="keep_rows"):

@@ -158,3 +158,14 @@ def test_weight_clip_in_quantize_needs_rows_and_reduces_error():
         q = quantize_(copy.deepcopy(model), W8A8(act="none", weight_clip=clip), stats, progress=False)
         err[clip] = (q(input_ids=test).logits - ref).pow(2).mean().item()
     assert err[True] < err[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_weight_leaves_its_input_alone(dtype):
+    from outlierq.quantize import quantize_weight
+
+    w = torch.randn(8, 16).to(dtype)
+    before = w.clone()
+    quantize_weight(w)
+    quantize_weight(w, clip=torch.full((8,), 0.9))
+    assert torch.equal(w, before)

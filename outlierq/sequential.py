@@ -19,8 +19,9 @@ tensor by tensor) when its turn comes and sent back to the meta device after it:
 Two passes instead of one because channel splitting pads every layer to the largest split, which
 needs every layer's statistics first. The contract, tested on every family: the statistics and
 the export are bit-identical to the in-memory pipeline's (same recipe, windows and seed).
-Supported: mitigations whose only cross-layer input is the calibrated statistics (all of ours,
-with `split` first in the recipe or after steps that do not change its statistics)."""
+Supported: mitigations whose only cross-layer input is the calibrated statistics (`split` first in
+the recipe, `smoothquant`); `rotate`, which changes the embeddings and every layer at once, runs
+in memory only (refused here with one line; `auto` leaves it out layer by layer)."""
 from __future__ import annotations
 
 import json

@@ -24,8 +24,10 @@ def git_sha() -> str:
         sha = out.stdout.strip()
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        # results/ is what the benchmarks write, not code: a study appending its own rows must
+        # not stamp its later rows -dirty
+        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "-uno", "--", ".",
+                                ":(exclude)results"], capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -389,6 +389,14 @@ def load(path: str | Path, device: str = "cpu"):
     return model.to(device).eval().requires_grad_(False), tok
 
 
+def fused_experts(spec, pre: str, n: int, get) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers-5 fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]) from the per-expert
+    float Linears of an original checkpoint; `get(name)` returns one checkpoint tensor."""
+    names = [expert_names(spec, pre, e) for e in range(n)]
+    return (torch.stack([torch.cat([get(f"{g}.weight"), get(f"{u}.weight")]) for g, u, _ in names]),
+            torch.stack([get(f"{d}.weight") for _, _, d in names]))
+
+
 def _load_experts(layer: nn.Module, spec, pre: str, qc: dict, sd: dict, filled: set) -> None:
     """Per-expert checkpoint Linears (plain or packed int8) -> one Int8Experts module."""
     from .mitigate.surgery import set_module
@@ -399,10 +407,9 @@ def _load_experts(layer: nn.Module, spec, pre: str, qc: dict, sd: dict, filled: 
     acts = (_act_for(gate0, qc), _act_for(down0, qc))
     sd[f"{pre}.{spec.router}.weight"] = sd.pop(f"{pre}.{spec.experts.router_ckpt}.weight")
     if acts[0] is None or acts[1] is None:  # float experts: stack them back into the fused layout
-        for e in range(n):
-            g, u, dn = (sd.pop(f"{k}.weight") for k in expert_names(spec, pre, e))
-            ex.gate_up_proj.data[e] = torch.cat([g, u]).to(ex.gate_up_proj.dtype)
-            ex.down_proj.data[e] = dn.to(ex.down_proj.dtype)
+        gate_up, down = fused_experts(spec, pre, n, lambda k: sd.pop(k))
+        ex.gate_up_proj.data = gate_up.to(ex.gate_up_proj.dtype)
+        ex.down_proj.data = down.to(ex.down_proj.dtype)
         return
     q = Int8Experts(n, h, two_i // 2, ex.act_fn, acts)
 

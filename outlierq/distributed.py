@@ -57,8 +57,6 @@ def _reduce(tensors: list[torch.Tensor], op) -> list[torch.Tensor]:
 @torch.no_grad()
 def reduce_recorder(rec, my_batches: list[int]) -> None:
     """Make every rank's calibration recorder hold the statistics of all ranks' batches."""
-    from .calibration import TensorStats
-
     tables = [(t, n) for t in (rec.inputs, rec.residual) for n in t]
     stats = [t[n] for t, n in tables]
     for field, op in (("absmax", dist.ReduceOp.MAX), ("abssum", dist.ReduceOp.SUM),
@@ -74,11 +72,9 @@ def reduce_recorder(rec, my_batches: list[int]) -> None:
     dist.all_gather_object(everyone, mine)
     for i, s in enumerate(stats):
         s.tokens = int(tokens[i])
-        merged = TensorStats.empty(0, 0)
-        merged.top_values, merged.top_where = s.top_values[:0], s.top_where[:0]
+        s.top_values, s.top_where = s.top_values[:0], s.top_where[:0]
         for other in everyone:
-            merged._merge_top(*other["top"][i])
-        s.top_values, s.top_where = merged.top_values, merged.top_where
+            s._merge_top(*other["top"][i])
     rec.fired = {n: sum(o["fired"].get(n, 0) for o in everyone) for t, n in tables}
     experts: dict[str, torch.Tensor] = {}
     for o in everyone:

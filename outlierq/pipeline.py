@@ -114,7 +114,6 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     if first:
         mitigate(model, None, first)
     configs = configs[len(first):]
-    needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
     t0 = time.perf_counter()
     if calibration is None:
         if configs or (isinstance(scheme, W8A8) and scheme.act == "tensor"):
@@ -127,10 +126,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         stats = calibration  # mitigate() below checks they describe this model
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
     else:
-        cal = calibration if isinstance(calibration, Calibration) else Calibration()
-        windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
-        keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
-        meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+        cal, windows, keep, meta = calibration_plan(model, tokenizer, calibration, configs, scheme)
         stats = calibrate(model, windows, batch_size=cal.batch_size, keep_rows=keep, seed=cal.seed,
                           progress=progress, meta=meta)
         calib_info = asdict(cal) if isinstance(calibration, Calibration) else {"windows": list(windows.shape)}
@@ -147,6 +143,18 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
               "mitigate_quantize_seconds": time.perf_counter() - t0,
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
     return CompressResult(model, configs, scheme, mitigated, stats, record)
+
+
+def calibration_plan(model: nn.Module, tokenizer, calibration: Calibration | torch.Tensor, configs: list,
+                     scheme) -> tuple[Calibration, torch.Tensor, int, dict]:
+    """(settings, token windows, rows to keep, stats meta) for calibrating before `configs` and
+    `scheme`: rows are kept (KEEP_ROWS unless set) only if a step or the weight clip searches."""
+    cal = calibration if isinstance(calibration, Calibration) else Calibration()
+    windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
+    needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
+    keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
+    meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+    return cal, windows, keep, meta
 
 
 def _windows(model: nn.Module, tokenizer, cal: Calibration) -> torch.Tensor:

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from .calibration import ActivationStats, batches, finish, head_skipped, recorder
 from .errors import OutlierqError
 from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, recipe_to_list
-from .mitigate.registry import lookup
 from .models.arch import check_supported, decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
 from .provenance import atomic_dir, check_target
@@ -57,16 +56,13 @@ class Checkpoint:
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
+            self._where = json.loads(index.read_text())["weight_map"]
         elif (self.path / "model.safetensors").is_file():
-            files = None
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self._where = {k: "model.safetensors" for k in f.keys()}
         else:
             raise OutlierqError(f"{self.path} has no safetensors checkpoint (model.safetensors or "
                                 "model.safetensors.index.json); the layer-by-layer pipeline reads only those")
-        if files is None:
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                files = {k: "model.safetensors" for k in f.keys()}
-        self._where = files
 
     def key(self, name: str) -> str | None:
         """The checkpoint's name for model tensor `name` (None if it has none)."""
@@ -132,7 +128,7 @@ def load_rest(model: nn.Module, ckpt: Checkpoint) -> None:
 def load_layer(model: nn.Module, ckpt: Checkpoint, i: int) -> nn.Module:
     """Materialize decoder layer i from the checkpoint (the conversions `checkpoint.load` makes for
     float checkpoints: Conv1D transposed, per-expert Linears stacked into fused experts)."""
-    from .quantize import expert_names
+    from .checkpoint import fused_experts
 
     spec = get_arch(model)
     layer = decoder_layers(model, spec)[i]
@@ -150,11 +146,9 @@ def load_layer(model: nn.Module, ckpt: Checkpoint, i: int) -> nn.Module:
         _assign(layer, name, t.contiguous())
     if spec.experts:
         ex = resolve(layer, spec.experts.path)
-        n = ex.gate_up_proj.shape[0]
-        names = [expert_names(spec, pre, e) for e in range(n)]
-        _assign(ex, "gate_up_proj", torch.stack([torch.cat([ckpt.get(f"{g}.weight"), ckpt.get(f"{u}.weight")])
-                                                 for g, u, _ in names]))
-        _assign(ex, "down_proj", torch.stack([ckpt.get(f"{d}.weight") for _, _, d in names]))
+        gate_up, down = fused_experts(spec, pre, ex.gate_up_proj.shape[0], ckpt.get)
+        _assign(ex, "gate_up_proj", gate_up)
+        _assign(ex, "down_proj", down)
     return layer
 
 
@@ -447,7 +441,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     """The whole layer-by-layer chain from a checkpoint directory: calibrate (or use statistics),
     then, with `out_dir`, mitigate + quantize + export. Returns {"stats", "final", "out"}."""
     from . import distributed
-    from .pipeline import KEEP_ROWS, Calibration, _windows, resolve_recipe
+    from .pipeline import calibration_plan, resolve_recipe
 
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     ckpt = Checkpoint(model_path)
@@ -460,11 +454,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
         stats = calibration
         stats.check_matches(model, exact=False)  # shapes now; the weights as the layers load
     else:
-        cal = calibration if isinstance(calibration, Calibration) else Calibration()
-        needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
-        keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
-        windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
-        meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
+        cal, windows, keep, meta = calibration_plan(model, tokenizer, calibration, configs, scheme)
         load_rest(model, ckpt)
         stats = calibrate_sequential(model, ckpt, windows, thresholds, batch_size=cal.batch_size, keep_rows=keep,
                                      seed=cal.seed, progress=progress, meta=meta, spill_bytes=spill_bytes)

@@ -181,8 +181,7 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
                 stats = rescale_inputs(stats, [name], s)
                 chosen[name] = a
             surgery.scale_expert_pairs(ex, torch.stack(factors))
-    stats.meta = dict(stats.meta, smoothquant_alpha={**stats.meta.get("smoothquant_alpha", {}), **chosen}
-                      if only is not None else chosen)
+    stats.meta = dict(stats.meta, smoothquant_alpha=chosen)
     return stats
 
 

@@ -236,7 +236,7 @@ def _sequential_path(a) -> str | None:
     return path
 
 
-def _run_sequential(a, path: str, out: str | None, thresholds=None):
+def _run_sequential(a, path: str, out: str | None = None, recipe="none", scheme=None, thresholds=None):
     from transformers import AutoTokenizer
 
     from . import sequential
@@ -246,8 +246,8 @@ def _run_sequential(a, path: str, out: str | None, thresholds=None):
         raise OutlierqError(f"unknown dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a)) if out else {}
-    return sequential.run(path, out, tok, getattr(a, "recipe", "none"), _scheme(a), _calibration(a),
-                          DTYPES[a.dtype], thresholds=thresholds, **kw)
+    return sequential.run(path, out, tok, recipe, scheme, _calibration(a), DTYPES[a.dtype],
+                          thresholds=thresholds, **kw)
 
 
 def _cmd_quantize(a) -> None:
@@ -257,7 +257,7 @@ def _cmd_quantize(a) -> None:
     _check_out(a, "checkpoint")
     path = _sequential_path(a)
     if path is not None:
-        res = _run_sequential(a, path, a.out)
+        res = _run_sequential(a, path, a.out, a.recipe, _scheme(a))
         if res["out"] is not None:
             print(f"wrote {res['out']} ({a.format}, {dir_mb(res['out']):.1f} MB; layer by layer)")
         return
@@ -334,8 +334,7 @@ def _cmd_calibrate(a) -> None:
     check_file_target(a.out, "statistics file", is_stats_file)
     path = _sequential_path(a)
     if path is not None:
-        a.recipe, a.format, a.stats, a.act = "none", "compressed-tensors", None, "token"
-        stats = _run_sequential(a, path, None, a.thresholds)["stats"]
+        stats = _run_sequential(a, path, thresholds=a.thresholds)["stats"]
         tokens = int(stats.meta["tokens"])
     else:
         model, tok = load_model(a.model, a.dtype)

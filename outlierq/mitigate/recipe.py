@@ -110,11 +110,13 @@ def mitigate(model: nn.Module, stats: ActivationStats | None, recipe: list,
     only: change just these decoder layers (the layer-by-layer pipeline, whose other layers are
     not in memory); the caller has checked the statistics, and the result has no fingerprint."""
     free = [lookup(c) for c in recipe if lookup(c).data_free]
-    if free and (stats is not None or any(not lookup(c).data_free for c in recipe)):
+    if free and (stats is not None or len(free) < len(recipe)):
         raise OutlierqError(f"{free[0].name} needs no statistics and changes what they describe: apply it "
                             f"alone before calibrating, mitigate(model, None, [{free[0].config.__name__}()]) "
                             "(outlierq.compress does this for leading data-free steps)")
     if stats is None:
+        if len(free) < len(recipe):
+            raise OutlierqError("this recipe needs calibration statistics (mitigate(model, stats, recipe))")
         if only is None:
             prepare(model)
         for cfg in recipe:

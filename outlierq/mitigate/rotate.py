@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve, text_config
 from .registry import register
+from .surgery import _set  # (computed in float64, cast to the weight's dtype once)
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,6 @@ def rotation(n: int, cfg: Rotate) -> tuple[torch.Tensor, str]:
         return h * signs[None, :] / math.sqrt(n), f"randomized Hadamard ({n})"
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :], f"random orthogonal ({n})"
-
-
-def _set(p: nn.Parameter, value64: torch.Tensor) -> None:
-    p.data = value64.to(p.dtype)
 
 
 @torch.no_grad()

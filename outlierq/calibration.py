@@ -250,6 +250,10 @@ class _Recorder:
                 self.handles.append(ex.register_forward_hook(
                     self._experts_hook(f"{name}.{spec.experts.path}", ex)))
 
+    def at_batch(self, b: int, batch_size: int, seqlen: int) -> None:
+        """The hooks that fire next see batch b of the run (sample ids, kept-row seeds)."""
+        self.sample0, self.seqlen, self.batch = b * batch_size, seqlen, b
+
     def _stats(self, x: torch.Tensor, name: str):
         # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
         if self._last is not None and self._last[0] is x:
@@ -359,7 +363,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
         with head_skipped(model):
             for b in tqdm(mine, desc="calibrate", unit="batch", disable=not progress or rank != 0):
                 batch = windows[b * batch_size: (b + 1) * batch_size].to(device)
-                rec.sample0, rec.seqlen, rec.batch = b * batch_size, batch.shape[1], b
+                rec.at_batch(b, batch_size, batch.shape[1])
                 model(input_ids=batch, use_cache=False)
                 rec._last = None
     finally:

@@ -308,7 +308,7 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
             layer = load_layer(model, ckpt, i)
             fingerprint_layer(fp, layer, i)
             for j, b in enumerate(mine):
-                rec.sample0, rec.seqlen, rec.batch = b * batch_size, windows.shape[1], b
+                rec.at_batch(b, batch_size, windows.shape[1])
                 args, kwargs = _with_hidden(calls[i][j], hidden[j])
                 rec._last = lasts[j]
                 out = layer(*args, **kwargs)
@@ -326,7 +326,7 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
         head = model.get_output_embeddings()
         with head_skipped(model):
             for j, b in enumerate(mine):  # the head's input, as the model's forward computes it
-                rec.sample0, rec.seqlen, rec.batch = b * batch_size, windows.shape[1], b
+                rec.at_batch(b, batch_size, windows.shape[1])
                 rec._last = lasts[j]
                 h = norm(hidden[j])
                 head(project(h) if project is not None else h)

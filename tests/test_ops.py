@@ -1,19 +1,36 @@
-"""Torch twins against brute-force references (the twins are the oracle for the kernels)."""
+"""Torch twins and the native CPU kernels against brute-force references (the twins are the
+oracle for the Triton kernels)."""
+import os
+
 import pytest
 import torch
 
 from outlierq import ops
 from outlierq.errors import OutlierqError
+from outlierq.ops import native
+
+
+def _require_native():
+    if os.environ.get("OUTLIERQ_NATIVE") == "0":
+        pytest.skip("OUTLIERQ_NATIVE=0")
+    assert native.available(), "the native CPU kernels did not build (see stderr)"
+
+
+@pytest.fixture(params=["torch", "native"])
+def backend(request):
+    if request.param == "native":
+        _require_native()
+    return request.param
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (77, 123), (1151, 64), (300, 4000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_channel_stats_matches_brute_force(shape, dtype):
+def test_channel_stats_matches_brute_force(shape, dtype, backend):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 4).to(dtype)
     x[0, 0] = 50.0
     thr = (1.0, 6.0)
-    cs = ops.channel_stats(x, thr, backend="torch")
+    cs = ops.channel_stats(x, thr, backend=backend)
     a = x.float().abs()
     assert torch.equal(cs.col_absmax, a.amax(0))
     assert torch.equal(cs.row_absmax, a.amax(1))
@@ -22,7 +39,7 @@ def test_channel_stats_matches_brute_force(shape, dtype):
         assert torch.equal(cs.col_count[i], (a > t).sum(0).int())
 
 
-def test_channel_stats_counts_at_and_around_thresholds():
+def test_channel_stats_counts_at_and_around_thresholds(backend):
     # values exactly at a threshold are not above it; the next float up is; thresholds above every
     # value count nothing; a NaN chunk still counts the finite values exactly
     t = torch.tensor(6.0)
@@ -31,10 +48,14 @@ def test_channel_stats_counts_at_and_around_thresholds():
     x[:, 0], x[:, 1], x[:, 2], x[:, 3] = 6.0, up, -up, down
     x[7, 4] = float("nan")
     x[8, 4] = 1e4
-    cs = ops.channel_stats(x, (6.0, 1e9, -1.0), backend="torch")
+    cs = ops.channel_stats(x, (6.0, 1e9, -1.0), backend=backend)
     assert cs.col_count[0].tolist() == [0, 3000, 3000, 0, 1]
     assert cs.col_count[1].tolist() == [0] * 5
     assert cs.col_count[2].tolist() == [3000] * 4 + [2999]  # |NaN| > -1 is False
+    # NaN propagates to its column's and row's maximum, as torch.amax does
+    assert cs.col_absmax[4].isnan() and cs.row_absmax[7].isnan()
+    assert cs.col_absmax[:4].isfinite().all() and cs.row_absmax[8] == 1e4
+    assert cs.col_abssum[4].isnan()
 
 
 def _ref_quant(x):
@@ -43,36 +64,74 @@ def _ref_quant(x):
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (77, 123), (1151, 64)])
-def test_quantize_per_token_matches_reference(shape):
+def test_quantize_per_token_matches_reference(shape, backend):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3
     x[0] = 0.0  # an all-zero row gives scale ~0 and codes 0, no NaN
-    q, s, col = ops.quantize_per_token(x, want_col_absmax=True, backend="torch")
+    q, s, col = ops.quantize_per_token(x, want_col_absmax=True, backend=backend)
     rq, rs = _ref_quant(x)
     assert torch.equal(q, rq) and torch.equal(s, rs)
     assert torch.equal(col, x.abs().amax(0))
     assert torch.isfinite(s).all() and (q[0] == 0).all()
 
 
-def test_quantize_rounds_half_to_even():
+def test_quantize_rounds_half_to_even(backend):
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]])
-    q, s, _ = ops.quantize_per_token(x, backend="torch")
+    q, s, _ = ops.quantize_per_token(x, backend=backend)
     assert s.item() == 1.0
     assert q.tolist() == [[127, 0, 2, 2, 0, -2]]
 
 
-def test_smooth_divides_before_quantizing():
+def test_smooth_divides_before_quantizing(backend):
     x = torch.randn(16, 32)
     sm = torch.rand(32) + 0.5
-    q, s, _ = ops.quantize_per_token(x, smooth=sm, backend="torch")
+    q, s, _ = ops.quantize_per_token(x, smooth=sm, backend=backend)
     rq, rs = _ref_quant(x * sm.reciprocal())
     assert torch.equal(q, rq) and torch.equal(s, rs)
 
 
-def test_per_tensor_static():
+def test_per_tensor_static(backend):
     x = torch.randn(50, 24)
     scale = torch.tensor([0.01])
-    q = ops.quantize_per_tensor(x, scale, backend="torch")
+    q = ops.quantize_per_tensor(x, scale, backend=backend)
     assert torch.equal(q, torch.round(x * scale.reciprocal()).clamp(-127, 127).to(torch.int8))
+    sm = torch.rand(24) + 0.5
+    q = ops.quantize_per_tensor(x, scale, sm, backend=backend)
+    ref = torch.round(x * sm.reciprocal() * scale.reciprocal()).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 5), (1031, 300), (700, 2053)])  # one part, and several
+def test_native_is_the_twin_bit_for_bit(dtype, shape):
+    """Maxima, counts, scales and codes equal the twin's exactly, with smoothing, outlier
+    channels, rows read through a stride, and any thread count; sums to float32 rounding and
+    identical across thread counts (parts add in a fixed order)."""
+    _require_native()
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(shape[0], shape[1] + 7, generator=g) * 3
+    wide[:, 1] *= 60
+    x = wide.to(dtype)[:, 3: 3 + shape[1]]  # row stride > row length
+    thr = torch.tensor([1.0, 6.0, 100.0])
+    sm = torch.rand(shape[1], generator=g) + 0.5
+    ref_cs = ops.torch_ops.channel_stats(x.contiguous(), thr)
+    ref_q = ops.torch_ops.quantize_per_token(x.contiguous(), sm, True)
+    scale = torch.tensor([0.05])
+    ref_t = ops.torch_ops.quantize_per_tensor(x.contiguous(), scale, sm)
+    threads = torch.get_num_threads()
+    sums = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            cs = native.channel_stats(x, thr)
+            for i in (0, 2, 3):
+                assert torch.equal(cs[i], ref_cs[i])
+            torch.testing.assert_close(cs[1], ref_cs[1], rtol=1e-5, atol=1e-3)
+            sums.append(cs[1])
+            assert all(torch.equal(a, b) for a, b in zip(native.quantize_per_token(x, sm, True), ref_q))
+            assert torch.equal(native.quantize_per_tensor(x, scale, sm), ref_t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sums[0], sums[1])
 
 
 def test_int8_matmul_is_exact_int32():
@@ -91,3 +150,13 @@ def test_triton_backend_refuses_cpu_tensor(monkeypatch):
         ops.channel_stats(torch.zeros(4, 4), backend="triton")
     with pytest.raises(OutlierqError, match="unknown backend"):
         ops.channel_stats(torch.zeros(4, 4), backend="cuda")
+
+
+def test_native_backend_refuses_what_it_cannot_serve(monkeypatch):
+    with pytest.raises(OutlierqError, match="native"):
+        ops.channel_stats(torch.zeros(4, 4, dtype=torch.float64), backend="native")
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(OutlierqError, match="native"):
+        ops.quantize_per_token(torch.zeros(4, 4), backend="native")
+    q, s, _ = ops.quantize_per_token(torch.ones(4, 4), backend="auto")  # falls back to the twin
+    assert (q == 127).all()

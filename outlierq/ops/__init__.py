@@ -1,7 +1,9 @@
-"""One dispatcher per op: backend="auto" | "torch" | "triton".
+"""One dispatcher per op: backend="auto" | "torch" | "native" | "triton".
 
-"auto" takes the Triton kernel for CUDA tensors and the torch twin otherwise; "triton" on a tensor
-Triton cannot serve raises, unless TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
+"auto" takes the Triton kernel for CUDA tensors, the native one-pass C kernel (native.py) for CPU
+tensors where it is built, and the torch twin otherwise. The torch twins stay the reference the
+others are tested against. "triton" on a tensor Triton cannot serve raises, unless
+TRITON_INTERPRET=1 (the CPU interpreter, for tests); "native" where it is not built raises."""
 from __future__ import annotations
 
 import os
@@ -10,10 +12,10 @@ from typing import NamedTuple
 import torch
 
 from ..errors import OutlierqError
-from . import torch_ops
+from . import native, torch_ops
 from .gemm import gemm_operand
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
 class ChannelStats(NamedTuple):
@@ -38,7 +40,7 @@ def triton_available() -> bool:
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise OutlierqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
+    if backend in ("torch", "native"):
         return False
     servable = triton_available() and (x.is_cuda or _interpret())
     if backend == "triton":
@@ -47,6 +49,15 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
                                 "(or TRITON_INTERPRET=1 for the CPU interpreter); use backend='auto'")
         return True
     return servable and x.is_cuda  # auto never picks the (slow) interpreter
+
+
+def _use_native(x: torch.Tensor, backend: str) -> bool:
+    if backend == "native":
+        if not native.serves(x):
+            raise OutlierqError("backend='native' needs a CPU tensor (float32/bf16/fp16) and the native "
+                                "kernels built (a C compiler; see outlierq.ops.native); use backend='auto'")
+        return True
+    return backend == "auto" and native.serves(x)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +72,8 @@ def channel_stats(x: torch.Tensor, thresholds=(6.0,), backend: str = "auto") -> 
     if _use_triton(x2, backend):
         from ..kernels.channel_stats import channel_stats as k
         return ChannelStats(*k(x2, thr))
+    if _use_native(x2, backend):
+        return ChannelStats(*native.channel_stats(x2, thr))
     return ChannelStats(*torch_ops.channel_stats(x2, thr))
 
 
@@ -71,6 +84,8 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
     if _use_triton(x2, backend):
         from ..kernels.quant_per_token import quantize_per_token as k
         return k(x2, smooth, want_col_absmax)
+    if _use_native(x2, backend):
+        return native.quantize_per_token(x2, smooth, want_col_absmax)
     return torch_ops.quantize_per_token(x2, smooth, want_col_absmax)
 
 
@@ -80,6 +95,8 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tens
     if _use_triton(x2, backend):
         from ..kernels.quant_per_token import quantize_per_tensor as k
         return k(x2, scale, smooth)
+    if _use_native(x2, backend):
+        return native.quantize_per_tensor(x2, scale, smooth)
     return torch_ops.quantize_per_tensor(x2, scale, smooth)
 
 

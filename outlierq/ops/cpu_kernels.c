@@ -1,0 +1,138 @@
+/* One-pass CPU kernels behind outlierq.ops (loaded by native.py through ctypes).
+
+Each function handles the rows [r0, r1) of a row-major x [M, N] (row stride `stride` elements) of
+dtype 0 = float32, 1 = bfloat16, 2 = float16; the caller splits rows across threads. Every row is
+read from memory once: converted to float32 into an L1-resident buffer, then reduced / quantized
+from there. The arithmetic is the torch twins' (torch_ops.py), operation for operation, so maxima,
+counts, scales and codes are bit-identical to them; only sums differ in the order they add.
+
+Written for gcc -O3 auto-vectorization (checked with -fopt-info-vec): integer maxima (see
+channel_stats_rows), rintf (round half to even in the default rounding mode, as torch.round) with
+-fno-math-errno. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bits_float(uint32_t b) {
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static void load_row(const void *x, int dtype, int64_t off, int64_t n, float *buf) {
+    if (dtype == 0) {
+        memcpy(buf, (const float *)x + off, n * sizeof(float));
+    } else if (dtype == 1) {
+        const uint16_t *s = (const uint16_t *)x + off;
+        uint32_t *u = (uint32_t *)buf;
+        for (int64_t j = 0; j < n; j++) u[j] = (uint32_t)s[j] << 16;  /* bf16 = top half of f32 */
+    } else {
+        const _Float16 *s = (const _Float16 *)x + off;
+        for (int64_t j = 0; j < n; j++) buf[j] = (float)s[j];
+    }
+}
+
+/* Row r as float32 times inv_smooth (nullable): x itself where nothing needs converting. */
+static const float *scaled_row(const void *x, int dtype, int64_t off, int64_t n, const float *inv_smooth,
+                               float *buf) {
+    if (dtype == 0 && !inv_smooth) return (const float *)x + off;
+    load_row(x, dtype, off, n, buf);
+    if (inv_smooth)
+        for (int64_t j = 0; j < n; j++) buf[j] *= inv_smooth[j];
+    return buf;
+}
+
+/* Per-channel max |x|, sum |x|, counts of |x| > thr[t] (into this part's own colmax, colsum,
+   counts[t * n]), and per-row max |x| into rowmax[r].
+   Maxima compare |x| as unsigned integers: for floats with the sign bit clear that order is the
+   float order, and every NaN sorts above +inf, so a NaN propagates as torch.amax's does while the
+   loop still vectorizes (a float max reduction would not, without fast-math). */
+void channel_stats_rows(const void *x, int dtype, int64_t stride, int64_t r0, int64_t r1, int64_t n,
+                        const float *thr, int64_t t, uint32_t *colmax, float *colsum, int32_t *counts,
+                        uint32_t *rowmax, float *buf) {
+    for (int64_t j = 0; j < n; j++) { colmax[j] = 0; colsum[j] = 0.0f; }
+    memset(counts, 0, (size_t)(t * n) * sizeof(int32_t));
+    for (int64_t r = r0; r < r1; r++) {
+        uint32_t m = 0;
+        const float *a = NULL;
+        if (dtype == 1) {  /* bf16: widen, reduce and sum in one loop (it is compute-bound) */
+            const uint16_t *h = (const uint16_t *)x + r * stride;
+            for (int64_t j = 0; j < n; j++) {
+                uint32_t v = (uint32_t)(h[j] & 0x7fffu) << 16;
+                colmax[j] = v > colmax[j] ? v : colmax[j];
+                m = v > m ? v : m;
+                colsum[j] += bits_float(v);
+            }
+        } else {
+            a = scaled_row(x, dtype, r * stride, n, NULL, buf);
+            const uint32_t *u = (const uint32_t *)a;
+            for (int64_t j = 0; j < n; j++) {
+                uint32_t v = u[j] & 0x7fffffffu;
+                colmax[j] = v > colmax[j] ? v : colmax[j];
+                m = v > m ? v : m;
+            }
+            for (int64_t j = 0; j < n; j++) colsum[j] += fabsf(a[j]);
+        }
+        rowmax[r] = m;
+        const float mf = bits_float(m);
+        for (int64_t i = 0; i < t; i++) {
+            const float th = thr[i];
+            if (mf <= th) continue;  /* nothing above th in this row: the common case */
+            if (!a) a = scaled_row(x, dtype, r * stride, n, NULL, buf);
+            int32_t *c = counts + i * n;
+            for (int64_t j = 0; j < n; j++) c[j] += fabsf(a[j]) > th;
+        }
+    }
+}
+
+/* max |x| of a float row, NaN if the row has one (see channel_stats_rows) */
+static float row_absmax(const float *a, int64_t n) {
+    const uint32_t *u = (const uint32_t *)a;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t v = u[j] & 0x7fffffffu;
+        m = v > m ? v : m;
+    }
+    return bits_float(m);
+}
+
+static inline int8_t code(float v) {
+    v = rintf(v);
+    v = v > 127.0f ? 127.0f : v;
+    v = v < -127.0f ? -127.0f : v;
+    return (int8_t)(int32_t)(v == v ? v : 0.0f);
+}
+
+/* Dynamic per-token int8: scale = absmax / 127, codes = round(x * inv_smooth * ((1 / absmax) * 127)).
+   colmax (nullable): this part's per-channel max |x * inv_smooth|. */
+void quant_token_rows(const void *x, int dtype, int64_t stride, int64_t r0, int64_t r1, int64_t n,
+                      const float *inv_smooth, int8_t *q, float *scales, uint32_t *colmax, float *buf) {
+    if (colmax)
+        for (int64_t j = 0; j < n; j++) colmax[j] = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *a = scaled_row(x, dtype, r * stride, n, inv_smooth, buf);
+        const float m = row_absmax(a, n);
+        if (colmax) {
+            const uint32_t *u = (const uint32_t *)a;
+            for (int64_t j = 0; j < n; j++) {
+                uint32_t v = u[j] & 0x7fffffffu;
+                colmax[j] = v > colmax[j] ? v : colmax[j];
+            }
+        }
+        const float amax = m > 1e-12f || m != m ? m : 1e-12f;
+        scales[r] = amax / 127.0f;
+        const float inv = (1.0f / amax) * 127.0f;
+        int8_t *qr = q + r * n;
+        for (int64_t j = 0; j < n; j++) qr[j] = code(a[j] * inv);
+    }
+}
+
+/* Static per-tensor int8: codes = round(x * inv_smooth * inv_scale). */
+void quant_tensor_rows(const void *x, int dtype, int64_t stride, int64_t r0, int64_t r1, int64_t n,
+                       const float *inv_smooth, float inv_scale, int8_t *q, float *buf) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *a = scaled_row(x, dtype, r * stride, n, inv_smooth, buf);
+        int8_t *qr = q + r * n;
+        for (int64_t j = 0; j < n; j++) qr[j] = code(a[j] * inv_scale);
+    }
+}

@@ -1,0 +1,194 @@
+"""The CPU kernels of cpu_kernels.c: one read of each row instead of the torch twins' several
+eager passes per chunk (measured side by side in `outlierq bench kernels`).
+
+Why plain C through ctypes rather than a torch C++ extension: an extension compiles torch's
+headers (over a minute on 2 cores, again for every torch version), while this file needs only a C
+compiler and builds in about a second, once per machine, into the outlierq cache (keyed by the
+source, the compiler and the CPU's flags, since it is built for this CPU with -march=native).
+Threads: ctypes releases the GIL, so row blocks run on a small Python thread pool, no second
+OpenMP runtime beside torch's. Sums add in a fixed order of row parts whatever the thread count,
+so one process with 2 threads and two processes with 1 get the same bits.
+
+Where no compiler is found, or $OUTLIERQ_NATIVE=0, `available()` is False and ops uses the torch
+twins. `scripts/setup.sh` builds the library so that neither tests nor calibration pay for it."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("cpu_kernels.c")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC", "-shared"]
+# Row parts per call: fixed (not the thread count) so sums add in the same order everywhere.
+_PARTS = 8
+_MIN_PART = 1 << 18  # elements per part at least: a thread handoff costs tens of us
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def library_path() -> Path:
+    from ..models.load import cache_dir
+
+    cc = _compiler() or "none"
+    key = hashlib.sha256("\0".join([_SRC.read_text(), cc, " ".join(_FLAGS), _cpu_key(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    return cache_dir() / "native" / f"cpu_kernels-{key}.so"
+
+
+def build(path: Path | None = None) -> Path:
+    """Compile cpu_kernels.c for this CPU (atomically: a half-written library is never loaded)."""
+    path = path or library_path()
+    if path.exists():
+        return path
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, path)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("OUTLIERQ_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        print(f"outlierq: native CPU kernels unavailable ({e}); using the torch twins", file=sys.stderr)
+        return None
+    lib.channel_stats_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P]
+    lib.quant_token_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P]
+    lib.quant_tensor_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _F32, _P, _P]
+    for f in (lib.channel_stats_rows, lib.quant_token_rows, lib.quant_tensor_rows):
+        f.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True where the native kernels are built and loaded (CPU tensors of float32/bf16/fp16)."""
+    return _lib() is not None
+
+
+def serves(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 2 and x.stride(1) == 1
+            and available())
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(n: int, pid: int) -> ThreadPoolExecutor:  # per process: a forked child has no threads
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="outlierq-native")
+
+
+def _parts(m: int, n: int) -> list[tuple[int, int]]:
+    p = max(1, min(_PARTS, m, (m * n) // _MIN_PART))
+    step = -(-m // p)
+    return [(s, min(s + step, m)) for s in range(0, m, step)]
+
+
+def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
+    """fn(part index, r0, r1, buf pointer) for every part: the parts split into contiguous groups,
+    one per thread (one handoff per helper thread; the caller runs the first group)."""
+    threads = min(torch.get_num_threads(), len(parts))
+    bufs = torch.empty(threads, n, dtype=torch.float32)
+
+    def group(g: int) -> None:
+        for i in range(g * len(parts) // threads, (g + 1) * len(parts) // threads):
+            fn(i, *parts[i], bufs[g].data_ptr())
+
+    futs = [_pool(threads - 1, os.getpid()).submit(group, g) for g in range(1, threads)]
+    group(0)
+    for f in futs:
+        f.result()
+
+
+def channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
+    """Same contract and results as torch_ops.channel_stats (sums to float32 rounding)."""
+    m, n = x.shape
+    thr = thresholds.to(torch.float32).contiguous()
+    t = thr.numel()
+    parts = _parts(m, n)
+    colmax = torch.empty(len(parts), n)
+    colsum = torch.empty(len(parts), n)
+    counts = torch.empty(len(parts), t, n, dtype=torch.int32)
+    rowmax = torch.empty(m)
+    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
+
+    def one(i, r0, r1, buf):
+        lib.channel_stats_rows(xp, dt, s, r0, r1, n, thr.data_ptr(), t, colmax[i].data_ptr(),
+                               colsum[i].data_ptr(), counts[i].data_ptr(), rowmax.data_ptr(), buf)
+
+    _run(one, parts, n)
+    if len(parts) == 1:
+        return colmax[0], colsum[0], counts[0], rowmax
+    # amax/sum over the parts axis propagate NaN and add in part order
+    return colmax.amax(0), colsum.sum(0), counts.sum(0, dtype=torch.int32), rowmax
+
+
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, want_col_absmax: bool = False):
+    m, n = x.shape
+    q = torch.empty(m, n, dtype=torch.int8)
+    scales = torch.empty(m)
+    parts = _parts(m, n)
+    col = torch.empty(len(parts), n) if want_col_absmax else None
+    inv_s = None if smooth is None else smooth.float().reciprocal().contiguous()
+    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
+    isp = None if inv_s is None else inv_s.data_ptr()
+
+    def one(i, r0, r1, buf):
+        lib.quant_token_rows(xp, dt, s, r0, r1, n, isp, q.data_ptr(), scales.data_ptr(),
+                             None if col is None else col[i].data_ptr(), buf)
+
+    _run(one, parts, n)
+    return q, scales, None if col is None else col.amax(0)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None):
+    m, n = x.shape
+    q = torch.empty(m, n, dtype=torch.int8)
+    inv = float(scale.float().clamp(min=1e-12).reciprocal().reshape(-1)[0])
+    inv_s = None if smooth is None else smooth.float().reciprocal().contiguous()
+    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
+    isp = None if inv_s is None else inv_s.data_ptr()
+
+    def one(i, r0, r1, buf):
+        lib.quant_tensor_rows(xp, dt, s, r0, r1, n, isp, inv, q.data_ptr(), buf)
+
+    _run(one, _parts(m, n), n)
+    return q

@@ -2,7 +2,14 @@
 
 Bytes moved (the formula behind GB/s): channel_stats reads M*N*elem; quant_token reads M*N*elem and
 writes M*N int8 codes + 4*M scale bytes; quant_tensor reads M*N*elem and writes M*N. Peak bandwidth
-is measured here with a large device copy (read + write counted); known GPUs also get the spec."""
+is measured here with a large device copy (read + write counted); known GPUs also get the spec.
+
+Backends: eager (what a user writes without outlierq), torch (the chunked twins), native (the C
+kernels, CPU), compiled (torch.compile of the eager code; opt-in, first call = compile time),
+triton (CUDA, or the interpreter). On CPU the bench asks glibc to keep freed memory for reuse
+(as a caching allocator does): otherwise every call re-faults its fresh output pages — 8192x4096
+int8 codes cost ~10 ms of page faults here, more than the kernel — and the copy that sets the
+peak writes into a reused buffer. The `allocator` column says which ran."""
 from __future__ import annotations
 
 import csv
@@ -46,6 +53,8 @@ def _eager(op: str) -> Callable:
 def _impl(op: str, backend: str) -> Callable:
     if backend == "eager":
         return _eager(op)
+    if backend == "compiled":
+        return torch.compile(_eager(op), dynamic=False)
     if op == "channel_stats":
         return lambda x, a: ops.channel_stats(x, _THR, backend=backend)
     if op == "quant_token":
@@ -58,10 +67,14 @@ def _bytes(op: str, m: int, n: int, elem: int) -> int:
             "quant_tensor": m * n * elem + m * n}[op]
 
 
-def _time(fn: Callable, device: str, budget_s: float, min_reps: int = 5) -> list[float]:
+def _time(fn: Callable, device: str, budget_s: float, min_reps: int = 5) -> tuple[list[float], float]:
+    """Repeat timings after warm-up, and the first call's time (a compile, for `compiled`)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    fn()
     sync()
     times: list[float] = []
     start = time.perf_counter()
@@ -70,14 +83,14 @@ def _time(fn: Callable, device: str, budget_s: float, min_reps: int = 5) -> list
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, first
 
 
 def measured_peak_gbps(device: str) -> float:
     """Copy bandwidth of a 256 MiB buffer (bytes read + written), median of repeats."""
     src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = statistics.median(_time(lambda: dst.copy_(src), device, 1.0))
+    t = statistics.median(_time(lambda: dst.copy_(src), device, 1.0)[0])
     return 2 * src.numel() * 4 / t / 1e9
 
 
@@ -100,16 +113,30 @@ def _check_memory(shapes: list[tuple[int, int]], dtypes: list[str], device: str)
                                 f"GiB are free on {device}: choose smaller --shapes")
 
 
+def _reuse_freed_memory() -> str:
+    """glibc: serve large allocations from the heap and keep freed memory (no munmap/re-fault)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "system default"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)
+    return "glibc, freed memory reused (mmap threshold 1 GiB)" if ok else "system default"
+
+
 def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
-                  out_dir: str | Path, budget_s: float = 1.0) -> list[dict]:
+                  out_dir: str | Path, budget_s: float = 1.0, compiled: bool = False) -> list[dict]:
     if device == "cuda" and not torch.cuda.is_available():
         raise OutlierqError("--device cuda but no GPU is visible; use --device cpu")
     for o in ops_:
         if o not in OPS:
             raise OutlierqError(f"unknown op {o!r}; choose from {', '.join(OPS)}")
     _check_memory(shapes, dtypes, device)
-    backends = ["eager", "torch"] + (["triton"] if device == "cuda" or
-                                     os.environ.get("TRITON_INTERPRET") == "1" else [])
+    backends = (["eager", "torch"] + (["native"] if device == "cpu" and ops.native.available() else [])
+                + (["compiled"] if compiled else [])
+                + (["triton"] if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else []))
+    allocator = _reuse_freed_memory() if device == "cpu" else "torch CUDA caching allocator"
     peak = measured_peak_gbps(device)
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     spec = next((v for k, v in SPEC_GBPS.items() if k in dev_name), None)
@@ -124,7 +151,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                 base = None
                 for be in backends:
                     fn = _impl(op, be)
-                    t = _time(lambda: fn(x, arg), device, budget_s)
+                    t, first = _time(lambda: fn(x, arg), device, budget_s)
                     p50 = statistics.median(t)
                     nbytes = _bytes(op, m, n, x.element_size())
                     gbps = nbytes / p50 / 1e9
@@ -134,14 +161,15 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                                  "p80_ms": _pct(t, 0.8) * 1e3, "reps": len(t), "bytes": nbytes,
                                  "GBps": gbps, "pct_measured_peak": 100 * gbps / peak,
                                  "pct_spec_peak": 100 * gbps / spec if spec else "",
-                                 "speedup_vs_eager": base / p50, "measured_peak_GBps": peak,
+                                 "speedup_vs_eager": base / p50, "first_call_ms": first * 1e3,
+                                 "measured_peak_GBps": peak, "allocator": allocator,
                                  "device": dev_name, "torch": prov["versions"].get("torch"),
                                  "triton": prov["versions"].get("triton", ""),
                                  "git_sha": prov["git_sha"], "timestamp": prov["timestamp"],
                                  "torch_threads": torch.get_num_threads(),
                                  "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                  "int8_gemm": "cuda int8" if device == "cuda" else ops.gemm.cpu_gemm_path()})
-                    print(f"{op:14s} {be:7s} {m:6d}x{n:<6d} {dt:5s} p50 {p50 * 1e3:9.3f} ms "
+                    print(f"{op:14s} {be:8s} {m:6d}x{n:<6d} {dt:5s} p50 {p50 * 1e3:9.3f} ms "
                           f"{gbps:8.1f} GB/s {100 * gbps / peak:5.1f}% of measured peak "
                           f"{base / p50:6.2f}x eager", flush=True)
     out = Path(out_dir) / f"kernels_{device}.csv"

@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    b.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile of the eager code (first_call_ms = compile time)")
     b.add_argument("--out", default="results/kernels")
     return ap
 
@@ -179,7 +181,7 @@ def _cmd_bench(a) -> None:
     for d in a.dtypes.split(","):
         if d not in ("fp32", "bf16", "fp16"):
             raise OutlierqError(f"unknown dtype {d!r} in --dtypes; use fp32, bf16, fp16")
-    bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget)
+    bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget, a.compiled)
 
 
 def _scheme(a):

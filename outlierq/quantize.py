@@ -34,7 +34,10 @@ class W8A8:
     Patterns are fnmatch globs on module names ("*down_proj", "model.layers.0.*") or "re:" regexes,
     matched by `matches`, the one matcher quantize_, export and load share."""
     act: Literal["token", "tensor", "none"] = "token"   # "none": weight-only int8
-    skip: tuple[str, ...] = ("lm_head",)               # Linears kept float
+    # Linears kept float. The output head is float by default (llm-compressor's and vLLM's
+    # convention); `skip=()` quantizes it too (`--int8-head`): with a large vocabulary it is a
+    # third of the prefill here, and a tied head is untied (the embeddings stay float).
+    skip: tuple[str, ...] = ("lm_head",)
     fake: bool = False                                  # dequantize-and-matmul reference
     backend: str = "auto"
     # with act="tensor": Linears that keep per-token dynamic activations. Static per-tensor
@@ -281,6 +284,24 @@ def expert_names(spec: ArchSpec, layer: str, e: int) -> tuple[str, str, str]:
 
 
 @torch.no_grad()
+def quantizes_head(config: W8A8 | LLMInt8 | None) -> bool:
+    return isinstance(config, W8A8) and not matches("lm_head", config.skip)
+
+
+def _head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def _untie(model: nn.Module) -> None:
+    """The head gets its own int8 codes: the checkpoint must not tie it back to the embeddings."""
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
 def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
               progress: bool = True, check_stats: bool = True, only: list[int] | None = None) -> nn.Module:
     """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;
@@ -302,6 +323,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
                             "fused tensors here: use W8A8")
     names = quantizable(model, spec)
+    head = _head_name(model) if isinstance(config, W8A8) and only is None else None
+    if head is not None and not matches(head, config.skip):
+        names.append(head)
+        _untie(model)
     if isinstance(config, W8A8) and (only is None or 0 in only):  # (layer 0 first: all still float)
         unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in names)]
         if unmatched:

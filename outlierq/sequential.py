@@ -39,7 +39,7 @@ from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, re
 from .models.arch import check_supported, decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
 from .provenance import atomic_dir, check_target
-from .quantize import LLMInt8, W8A8, quantize_
+from .quantize import LLMInt8, W8A8, quantize_, quantizes_head
 
 # checkpoint prefixes older transformers wrote for multimodal models, as (model, checkpoint)
 _LEGACY = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
@@ -444,6 +444,9 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     from .pipeline import calibration_plan, resolve_recipe
 
     act = scheme.act if isinstance(scheme, W8A8) else "token"
+    if quantizes_head(scheme):
+        raise OutlierqError("the layer-by-layer pipeline keeps the output head float; for an int8 head "
+                            "(--int8-head) quantize in memory (without --sequential)")
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     configs = resolve_recipe(recipe, act, model, layer_by_layer=True)

@@ -44,7 +44,7 @@ def main() -> None:
         if dev == "cuda":
             paths["triton int8 (fused epilogue)"] = lambda: ops.int8_matmul(xq, xs, wq, ws, backend="triton")
         for name, fn in paths.items():
-            p50 = statistics.median(_time(fn, dev, a.budget))
+            p50 = statistics.median(_time(fn, dev, a.budget)[0])
             rows.append({"path": name, "M": m, "N": n, "K": k, "p50_ms": p50 * 1e3,
                          "TOPS": 2 * m * n * k / p50 / 1e12, "device": torch.cuda.get_device_name()
                          if dev == "cuda" else f"cpu {torch.backends.cpu.get_cpu_capability()}",

@@ -51,6 +51,8 @@ ROWS = [
     ("Rotate + SmoothQuant searched", "rotate+smoothquant:alpha=search,act={act}", "both"),
     ("Rotate + OCS split + SmoothQuant searched", "rotate+split:ratio=4+smoothquant:alpha=search,act={act}",
      "both"),
+    ("Rotate + OCS split + SmoothQuant searched + int8 head",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", W8A8(act="token", skip=())),
 ]
 
 

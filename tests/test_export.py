@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import json
 
 import pytest
@@ -172,3 +173,33 @@ def test_layer_scoped_groups_reload(tmp_path):
     back, _ = load(out)
     assert back.model.layers[0].mlp.up_proj.act == "token" and back.model.layers[1].mlp.up_proj.act == "tensor"
     assert torch.equal(back(input_ids=x).logits, q(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("act", ["token", "tensor"])
+def test_int8_head_unties_exports_and_reloads(act, tmp_path):
+    """skip=() quantizes the output head too: a tied head gets its own int8 codes (the embeddings
+    stay float and unchanged), the logits match the fake-quant oracle, and the export reloads
+    bit-identically in outlierq.load and to int8 noise in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from outlierq.quantize import Int8Linear
+
+    model = tiny_model("LlamaForCausalLM", outliers=True, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight.detach().clone()
+    x = token_batch(2, 16)
+    stats = calibrate(model, x, progress=False)
+    fake = quantize_(copy.deepcopy(model), W8A8(act=act, skip=(), fake=True), stats, progress=False)
+    q = quantize_(model, W8A8(act=act, skip=()), stats, progress=False)
+    assert isinstance(q.lm_head, Int8Linear) and not q.config.tie_word_embeddings
+    assert torch.equal(q.model.embed_tokens.weight, emb)
+    ref = q(input_ids=x).logits
+    torch.testing.assert_close(ref, fake(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    out = export(q, tmp_path / "ckpt", stats=stats)
+    assert "lm_head" not in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    back, _ = load(out)
+    assert isinstance(back.lm_head, Int8Linear) and torch.equal(back(input_ids=x).logits, ref)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(hf.model.embed_tokens.weight, emb)
+    got = hf(input_ids=x).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 0.2

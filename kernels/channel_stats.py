@@ -47,10 +47,22 @@ def _channel_stats_kernel(x_ptr, thr_ptr, colmax_ptr, colsum_ptr, count_ptr, row
                       mask=(t_ids[:, None] < T) & cmask[None, :])
 
 
+# CUDA: block shapes and warps autotuned per row width (calibration sees a handful of widths);
+# the outputs are merged with atomics, so every trial starts from zeroed outputs.
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+            for bm, bn, w in ((32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (64, 64, 4),
+                              (16, 512, 8))]
+_tuned = triton.autotune(configs=_CONFIGS, key=["N"],
+                         reset_to_zero=["colmax_ptr", "colsum_ptr", "count_ptr", "rowmax_ptr"])(
+    _channel_stats_kernel)
+_ROW_QUANTUM = 64  # rows_per_prog is a multiple of every BLOCK_M above
+
+
 def channel_stats(x: torch.Tensor, thresholds: torch.Tensor, block_m: int = 32,
                   block_n: int = 128, rows_per_prog: int | None = None):
     """x [M, N] contiguous (fp32/fp16/bf16), thresholds f32 [T] ->
-    (col_absmax f32[N], col_abssum f32[N], col_count i32[T, N], row_absmax f32[M])."""
+    (col_absmax f32[N], col_abssum f32[N], col_count i32[T, N], row_absmax f32[M]).
+    block_m / block_n / rows_per_prog apply where nothing is tuned (the interpreter)."""
     m, n = x.shape
     t = thresholds.numel()
     dev = x.device
@@ -60,16 +72,21 @@ def channel_stats(x: torch.Tensor, thresholds: torch.Tensor, block_m: int = 32,
     row_absmax = torch.zeros(m, dtype=torch.float32, device=dev)
     if m == 0 or n == 0:
         return col_absmax, col_abssum, col_count[:t], row_absmax
-    if rows_per_prog is None:
+    thr = thresholds.to(device=dev, dtype=torch.float32).contiguous()
+    args = (x, thr, col_absmax, col_abssum, col_count, row_absmax, m, n, x.stride(0))
+    consts = dict(T=t, T_PAD=triton.next_power_of_2(max(t, 1)))
+    if dev.type == "cuda" and rows_per_prog is None:
         # enough row groups to fill the GPU, few enough that column atomics stay rare
+        groups = max(1, min(triton.cdiv(m, _ROW_QUANTUM), 4 * _sm_count(dev) // triton.cdiv(n, 128) + 1))
+        rpp = triton.cdiv(triton.cdiv(m, groups), _ROW_QUANTUM) * _ROW_QUANTUM
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, rpp))  # noqa: E731
+        _tuned[grid](*args, rpp, **consts)
+        return col_absmax, col_abssum, col_count[:t], row_absmax
+    if rows_per_prog is None:
         groups = max(1, min(triton.cdiv(m, block_m), 4 * _sm_count(dev) // triton.cdiv(n, block_n) + 1))
         rows_per_prog = triton.cdiv(triton.cdiv(m, groups), block_m) * block_m
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, rows_per_prog))
-    thr = thresholds.to(device=dev, dtype=torch.float32).contiguous()
-    _channel_stats_kernel[grid](x, thr, col_absmax, col_abssum, col_count, row_absmax,
-                                m, n, x.stride(0), rows_per_prog,
-                                T=t, T_PAD=triton.next_power_of_2(max(t, 1)), BLOCK_M=block_m,
-                                BLOCK_N=block_n)
+    _channel_stats_kernel[grid](*args, rows_per_prog, BLOCK_M=block_m, BLOCK_N=block_n, **consts)
     return col_absmax, col_abssum, col_count[:t], row_absmax
 
 

@@ -23,16 +23,16 @@ def _round_half_even(v):
 
 @triton.jit
 def _quant_token_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, col_ptr, M, N, stride_m,
-                        rows_per_prog, HAS_SMOOTH: tl.constexpr, WANT_COL: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        HAS_SMOOTH: tl.constexpr, WANT_COL: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ROWS: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     if HAS_SMOOTH:
         inv_s = tl.load(inv_smooth_ptr + cols, mask=cmask, other=1.0)
     cmax = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row0 = pid * rows_per_prog
-    for r in range(row0, tl.minimum(row0 + rows_per_prog, M)):
+    row0 = pid * ROWS
+    for r in range(row0, tl.minimum(row0 + ROWS, M)):
         x = tl.load(x_ptr + r * stride_m + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * inv_s
@@ -63,9 +63,19 @@ def _quant_tensor_kernel(x_ptr, inv_smooth_ptr, inv_scale_ptr, q_ptr, M, N, stri
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], q.to(tl.int8), mask=mask)
 
 
+# CUDA: rows per program and warps autotuned per row width; the column maxima merge with
+# atomics, so every trial starts from a zeroed output.
+_TOKEN_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
+_token_tuned = triton.autotune(configs=_TOKEN_CONFIGS, key=["N"], reset_to_zero=["col_ptr"])(_quant_token_kernel)
+_TENSOR_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+                   for bm, bn, w in ((32, 128, 4), (16, 256, 4), (64, 128, 8), (32, 256, 8), (8, 512, 4))]
+_tensor_tuned = triton.autotune(configs=_TENSOR_CONFIGS, key=["N"])(_quant_tensor_kernel)
+
+
 def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
                        want_col_absmax: bool = False, rows_per_prog: int = 4):
-    """x [M, K] -> (int8 codes [M, K], f32 scales [M], f32 col_absmax [K] or None)."""
+    """x [M, K] -> (int8 codes [M, K], f32 scales [M], f32 col_absmax [K] or None).
+    rows_per_prog applies where nothing is tuned (the interpreter)."""
     m, n = x.shape
     dev = x.device
     q = torch.empty(m, n, dtype=torch.int8, device=dev)
@@ -74,24 +84,31 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
     if m == 0:
         return q, scales, col
     inv_s = smooth.float().reciprocal().contiguous() if smooth is not None else scales
-    grid = (triton.cdiv(m, rows_per_prog),)
-    _quant_token_kernel[grid](x, inv_s, q, scales, col if col is not None else scales, m, n,
-                              x.stride(0), rows_per_prog, HAS_SMOOTH=smooth is not None,
-                              WANT_COL=want_col_absmax, BLOCK_N=triton.next_power_of_2(n),
-                              num_warps=8 if n >= 4096 else 4)
+    args = (x, inv_s, q, scales, col if col is not None else scales, m, n, x.stride(0))
+    consts = dict(HAS_SMOOTH=smooth is not None, WANT_COL=want_col_absmax, BLOCK_N=triton.next_power_of_2(n))
+    if dev.type == "cuda":
+        _token_tuned[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](*args, **consts)
+    else:
+        _quant_token_kernel[(triton.cdiv(m, rows_per_prog),)](*args, ROWS=rows_per_prog, **consts,
+                                                               num_warps=8 if n >= 4096 else 4)
     return q, scales, col
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None,
                         block_m: int = 32, block_n: int = 128) -> torch.Tensor:
-    """Static per-tensor int8: codes = round(x / smooth * (1 / scale)), clamped to [-127, 127]."""
+    """Static per-tensor int8: codes = round(x / smooth * (1 / scale)), clamped to [-127, 127].
+    block_m / block_n apply where nothing is tuned (the interpreter)."""
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.int8, device=x.device)
     if m == 0:
         return q
     inv = scale.float().clamp(min=1e-12).reciprocal().reshape(1).to(x.device)
     inv_s = smooth.float().reciprocal().contiguous() if smooth is not None else inv
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _quant_tensor_kernel[grid](x, inv_s, inv, q, m, n, x.stride(0), HAS_SMOOTH=smooth is not None,
-                               BLOCK_M=block_m, BLOCK_N=block_n)
+    args = (x, inv_s, inv, q, m, n, x.stride(0))
+    if x.device.type == "cuda":
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _tensor_tuned[grid](*args, HAS_SMOOTH=smooth is not None)
+    else:
+        _quant_tensor_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            *args, HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_N=block_n)
     return q

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -232,7 +233,7 @@ class _Recorder:
         self.fired: dict[str, int] = {}
         self.sample0 = 0
         self.seqlen = 1
-        self._last: tuple[torch.Tensor, ops.ChannelStats, list] | None = None
+        self._last: tuple[weakref.ref, ops.ChannelStats, list] | None = None
         self.handles = []
         self.expert_tokens: dict[str, torch.Tensor] = {}
         spec = get_arch(model)
@@ -256,7 +257,7 @@ class _Recorder:
 
     def _stats(self, x: torch.Tensor, name: str):
         # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
-        if self._last is not None and self._last[0] is x:
+        if self._last is not None and self._last[0]() is x:
             return self._last[1], self._last[2]
         x2 = x.detach().reshape(-1, x.shape[-1])
         cs = ops.channel_stats(x2, self.thr, backend=self.backend)
@@ -267,7 +268,9 @@ class _Recorder:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.batch}:{name}".encode()))
             idx = torch.randperm(x2.shape[0], generator=gen)[: self.rows_per_batch]
             kept = [x2[idx.to(x2.device)].float().cpu()]
-        self._last = (x, cs, kept)
+        # A weak reference: holding the activation past its last use in the model made every
+        # one a fresh allocation whose release cost ~1 ms (measured: a third of the hooks' time).
+        self._last = (weakref.ref(x), cs, kept)
         return cs, kept
 
     def _record(self, table, name, x):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +318,7 @@ def calibrate_sequential(model: nn.Module, ckpt: Checkpoint, windows: torch.Tens
                 if spill is not None:  # (the reduction is carried to the copy: same values)
                     hidden[j] = spill.put(i, j, hidden[j])
                     if lasts[j] is not None:
-                        lasts[j] = (hidden[j], *lasts[j][1:])
+                        lasts[j] = (weakref.ref(hidden[j]), *lasts[j][1:])
             free_layer(model, i)
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(s_per_layer=f"{seconds[-1]:.1f}")

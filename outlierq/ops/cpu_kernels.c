@@ -127,12 +127,29 @@ void quant_token_rows(const void *x, int dtype, int64_t stride, int64_t r0, int6
     }
 }
 
-/* Static per-tensor int8: codes = round(x * inv_smooth * inv_scale). */
+/* Static per-tensor int8: codes = round(x * inv_smooth * inv_scale), in one pass straight from
+   the source row (no float buffer: this op is one read and one write). */
+#define CODES(LOAD)                                                                          \
+    if (inv_smooth) {                                                                       \
+        for (int64_t j = 0; j < n; j++) qr[j] = code((LOAD) * inv_smooth[j] * inv_scale);   \
+    } else {                                                                                \
+        for (int64_t j = 0; j < n; j++) qr[j] = code((LOAD) * inv_scale);                   \
+    }
+
 void quant_tensor_rows(const void *x, int dtype, int64_t stride, int64_t r0, int64_t r1, int64_t n,
                        const float *inv_smooth, float inv_scale, int8_t *q, float *buf) {
+    (void)buf;
     for (int64_t r = r0; r < r1; r++) {
-        const float *a = scaled_row(x, dtype, r * stride, n, inv_smooth, buf);
         int8_t *qr = q + r * n;
-        for (int64_t j = 0; j < n; j++) qr[j] = code(a[j] * inv_scale);
+        if (dtype == 0) {
+            const float *h = (const float *)x + r * stride;
+            CODES(h[j])
+        } else if (dtype == 1) {
+            const uint16_t *h = (const uint16_t *)x + r * stride;
+            CODES(bits_float((uint32_t)h[j] << 16))
+        } else {
+            const _Float16 *h = (const _Float16 *)x + r * stride;
+            CODES((float)h[j])
+        }
     }
 }

@@ -138,8 +138,27 @@ def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
         f.result()
 
 
+# Named in torch.profiler tables (a ctypes call is not an aten op and would be invisible there).
+_profiled = torch.profiler.record_function
+
+
 def channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
     """Same contract and results as torch_ops.channel_stats (sums to float32 rounding)."""
+    with _profiled("outlierq::native_channel_stats"):
+        return _channel_stats(x, thresholds)
+
+
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, want_col_absmax: bool = False):
+    with _profiled("outlierq::native_quantize_per_token"):
+        return _quantize_per_token(x, smooth, want_col_absmax)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None):
+    with _profiled("outlierq::native_quantize_per_tensor"):
+        return _quantize_per_tensor(x, scale, smooth)
+
+
+def _channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
     m, n = x.shape
     thr = thresholds.to(torch.float32).contiguous()
     t = thr.numel()
@@ -161,7 +180,7 @@ def channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
     return colmax.amax(0), colsum.sum(0), counts.sum(0, dtype=torch.int32), rowmax
 
 
-def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, want_col_absmax: bool = False):
+def _quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None, want_col_absmax: bool):
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.int8)
     scales = torch.empty(m)
@@ -179,7 +198,7 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, want
     return q, scales, None if col is None else col.amax(0)
 
 
-def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None):
+def _quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None):
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.int8)
     inv = float(scale.float().clamp(min=1e-12).reciprocal().reshape(-1)[0])

@@ -2,7 +2,8 @@
 
 Bytes moved (the formula behind GB/s): channel_stats reads M*N*elem; quant_token reads M*N*elem and
 writes M*N int8 codes + 4*M scale bytes; quant_tensor reads M*N*elem and writes M*N. Peak bandwidth
-is measured here with a large device copy (read + write counted); known GPUs also get the spec.
+is measured here with a large device copy (read + write counted), timed again before each shape and
+dtype so each row is compared with the bandwidth of its own moment; known GPUs also get the spec.
 
 Backends: eager (what a user writes without outlierq), torch (the chunked twins), native (the C
 kernels, CPU), compiled (torch.compile of the eager code; opt-in, first call = compile time),
@@ -137,7 +138,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                 + (["compiled"] if compiled else [])
                 + (["triton"] if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else []))
     allocator = _reuse_freed_memory() if device == "cpu" else "torch CUDA caching allocator"
-    peak = measured_peak_gbps(device)
+    peaks: list[float] = []
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     spec = next((v for k, v in SPEC_GBPS.items() if k in dev_name), None)
     prov = stamp()
@@ -147,6 +148,10 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
             g = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(m, n, generator=g, device=device).to(_DT[dt])
             arg = torch.tensor([x.abs().max().item() / 127], device=device)
+            # the copy that sets the peak is timed again before each shape and dtype: on a shared
+            # machine the bandwidth drifts (two runs here measured 44 and 78 GB/s)
+            peak = measured_peak_gbps(device)
+            peaks.append(peak)
             for op in ops_:
                 base = None
                 for be in backends:
@@ -179,6 +184,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
     w.writerows(rows)
     with atomic_path(out) as tmp:
         tmp.write_text(buf.getvalue())
-    print(f"measured peak {peak:.1f} GB/s (copy){'; spec ' + str(spec) + ' GB/s' if spec else ''}; "
+    print(f"measured peak {min(peaks):.1f}-{max(peaks):.1f} GB/s (copy, before each shape and dtype)"
+          f"{'; spec ' + str(spec) + ' GB/s' if spec else ''}; "
           f"{ops.gemm.describe()}; wrote {out}")
     return rows

@@ -207,7 +207,8 @@ def main() -> None:
         for act, qq in _quantizers(q):
             if a.acts and act not in a.acts.split(","):
                 continue
-            rows[:] = [r for r in rows if not (r["label"] == label and r["act"] == act
+            shown = UNQUANTIZED[1] if label == "FP32" and a.dtype != "float32" else label  # as run() names it
+            rows[:] = [r for r in rows if not (r["label"] == shown and r["act"] == act
                                                and r["windows"] == a.windows
                                                and r["calib_data"] in (None, "wikitext2"))]
             rows.append(run(label, rec_spec, act, qq, a.windows))

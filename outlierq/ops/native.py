@@ -32,6 +32,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC", "-shared"]
 # Row parts per call: fixed (not the thread count) so sums add in the same order everywhere.
 _PARTS = 8
+_BLOCK_ROWS = 8  # ROWS in cpu_kernels.c: each thread's scratch holds that many float32 rows
 _MIN_PART = 1 << 18  # elements per part at least: a thread handoff costs tens of us
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -126,7 +127,7 @@ def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
     """fn(part index, r0, r1, buf pointer) for every part: the parts split into contiguous groups,
     one per thread (one handoff per helper thread; the caller runs the first group)."""
     threads = min(torch.get_num_threads(), len(parts))
-    bufs = torch.empty(threads, n, dtype=torch.float32)
+    bufs = torch.empty(threads, _BLOCK_ROWS * n, dtype=torch.float32)
 
     def group(g: int) -> None:
         for i in range(g * len(parts) // threads, (g + 1) * len(parts) // threads):

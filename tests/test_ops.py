@@ -160,3 +160,18 @@ def test_native_backend_refuses_what_it_cannot_serve(monkeypatch):
         ops.quantize_per_token(torch.zeros(4, 4), backend="native")
     q, s, _ = ops.quantize_per_token(torch.ones(4, 4), backend="auto")  # falls back to the twin
     assert (q == 127).all()
+
+
+def test_native_build_failure_falls_back_to_the_twins(monkeypatch, tmp_path, capfd):
+    """No working compiler (or an unusable cache): one line on stderr, `auto` runs the twins."""
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("OUTLIERQ_CACHE", str(tmp_path / "cache"))
+    native._lib.cache_clear()
+    try:
+        assert not native.available()
+        assert "native CPU kernels unavailable" in capfd.readouterr().err
+        x = torch.randn(9, 7)
+        cs = ops.channel_stats(x, (0.5,))
+        assert torch.equal(cs.col_absmax, x.abs().amax(0))
+    finally:
+        native._lib.cache_clear()

@@ -89,9 +89,11 @@ def build(path: Path | None = None) -> Path:
 def _lib() -> ctypes.CDLL | None:
     if os.environ.get("OUTLIERQ_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         return None
+    from ..errors import OutlierqError
+
     try:
         lib = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, OutlierqError) as e:  # e.g. no compiler, a read-only cache
         print(f"outlierq: native CPU kernels unavailable ({e}); using the torch twins", file=sys.stderr)
         return None
     lib.channel_stats_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P]

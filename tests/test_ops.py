@@ -39,6 +39,15 @@ def test_channel_stats_matches_brute_force(shape, dtype, backend):
         assert torch.equal(cs.col_count[i], (a > t).sum(0).int())
 
 
+def test_empty_inputs(backend):
+    x = torch.zeros(0, 5)
+    cs = ops.channel_stats(x, (1.0,), backend=backend)
+    assert cs.row_absmax.shape == (0,) and torch.equal(cs.col_absmax, torch.zeros(5))
+    q, s, col = ops.quantize_per_token(x, want_col_absmax=True, backend=backend)
+    assert q.shape == (0, 5) and s.shape == (0,) and torch.equal(col, torch.zeros(5))
+    assert ops.quantize_per_tensor(x, torch.tensor([0.1]), backend=backend).shape == (0, 5)
+
+
 def test_channel_stats_counts_at_and_around_thresholds(backend):
     # values exactly at a threshold are not above it; the next float up is; thresholds above every
     # value count nothing; a NaN chunk still counts the finite values exactly

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import torch_ops
+
 _SRC = Path(__file__).with_name("cpu_kernels.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC", "-shared"]
@@ -145,18 +147,26 @@ def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
 _profiled = torch.profiler.record_function
 
 
-def channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
-    """Same contract and results as torch_ops.channel_stats (sums to float32 rounding)."""
+# Same contracts and results as the twins in torch_ops (sums to float32 rounding); an empty x
+# goes to the twin, which already returns the right empty or zero tensors.
+def channel_stats(x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if x.shape[0] == 0:
+        return torch_ops.channel_stats(x, thresholds)
     with _profiled("outlierq::native_channel_stats"):
         return _channel_stats(x, thresholds)
 
 
-def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, want_col_absmax: bool = False):
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
+                       want_col_absmax: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if x.shape[0] == 0:
+        return torch_ops.quantize_per_token(x, smooth, want_col_absmax)
     with _profiled("outlierq::native_quantize_per_token"):
         return _quantize_per_token(x, smooth, want_col_absmax)
 
 
-def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None):
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch_ops.quantize_per_tensor(x, scale, smooth)
     with _profiled("outlierq::native_quantize_per_tensor"):
         return _quantize_per_tensor(x, scale, smooth)
 

@@ -283,8 +283,8 @@ def expert_names(spec: ArchSpec, layer: str, e: int) -> tuple[str, str, str]:
     return tuple(f"{layer}.{spec.experts.ckpt}.{e}.{n}" for n in spec.experts.names)
 
 
-@torch.no_grad()
 def quantizes_head(config: W8A8 | LLMInt8 | None) -> bool:
+    """Whether the scheme quantizes the output head too (W8A8 with lm_head not skipped)."""
     return isinstance(config, W8A8) and not matches("lm_head", config.skip)
 
 
@@ -302,6 +302,7 @@ def _untie(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
+@torch.no_grad()
 def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
               progress: bool = True, check_stats: bool = True, only: list[int] | None = None) -> nn.Module:
     """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;

@@ -128,6 +128,9 @@ def _reuse_freed_memory() -> str:
 
 def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
                   out_dir: str | Path, budget_s: float = 1.0, compiled: bool = False) -> list[dict]:
+    """Time every backend of each op at each shape and dtype; write <out_dir>/kernels_<device>.csv.
+    On CPU this changes the calling process's glibc malloc settings (see the module docstring):
+    run it in a process of its own, as `outlierq bench` does."""
     if device == "cuda" and not torch.cuda.is_available():
         raise OutlierqError("--device cuda but no GPU is visible; use --device cpu")
     for o in ops_:

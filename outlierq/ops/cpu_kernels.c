@@ -2,13 +2,14 @@
 
 Each function handles the rows [r0, r1) of a row-major x [M, N] (row stride `stride` elements) of
 dtype 0 = float32, 1 = bfloat16, 2 = float16; the caller splits rows across threads. Every row is
-read from memory once: converted to float32 into an L1-resident buffer, then reduced / quantized
-from there. The arithmetic is the torch twins' (torch_ops.py), operation for operation, so maxima,
-counts, scales and codes are bit-identical to them; only sums differ in the order they add.
+read from memory once (bf16/fp16 are widened in registers or into a small L1-resident buffer that
+the next passes over the row re-read). The arithmetic is the torch twins' (torch_ops.py), operation
+for operation, so maxima, counts, scales and codes are bit-identical to them; only sums differ in
+the order they add.
 
-Written for gcc -O3 auto-vectorization (checked with -fopt-info-vec): integer maxima (see
-channel_stats_rows), rintf (round half to even in the default rounding mode, as torch.round) with
--fno-math-errno. */
+Written for gcc -O3 auto-vectorization (checked with -fopt-info-vec) and, for channel_stats, GCC
+vector extensions: integer maxima (see channel_stats_rows), rintf (round half to even in the
+default rounding mode, as torch.round) with -fno-math-errno. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

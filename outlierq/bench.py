@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import allocator, ops
 from .errors import OutlierqError
 from .provenance import atomic_path, stamp
 
@@ -114,18 +114,6 @@ def _check_memory(shapes: list[tuple[int, int]], dtypes: list[str], device: str)
                                 f"GiB are free on {device}: choose smaller --shapes")
 
 
-def _reuse_freed_memory() -> str:
-    """glibc: serve large allocations from the heap and keep freed memory (no munmap/re-fault)."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "system default"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)
-    return "glibc, freed memory reused (mmap threshold 1 GiB)" if ok else "system default"
-
-
 def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
                   out_dir: str | Path, budget_s: float = 1.0, compiled: bool = False) -> list[dict]:
     """Time every backend of each op at each shape and dtype; write <out_dir>/kernels_<device>.csv.
@@ -140,7 +128,10 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
     backends = (["eager", "torch"] + (["native"] if device == "cpu" and ops.native.available() else [])
                 + (["compiled"] if compiled else [])
                 + (["triton"] if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else []))
-    allocator = _reuse_freed_memory() if device == "cpu" else "torch CUDA caching allocator"
+    if device == "cuda":
+        alloc = "torch CUDA caching allocator"
+    else:
+        alloc = "glibc, freed memory reused (mmap threshold 1 GiB)" if allocator.keep_freed_memory() else "system default"
     peaks: list[float] = []
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     spec = next((v for k, v in SPEC_GBPS.items() if k in dev_name), None)
@@ -170,7 +161,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                                  "GBps": gbps, "pct_measured_peak": 100 * gbps / peak,
                                  "pct_spec_peak": 100 * gbps / spec if spec else "",
                                  "speedup_vs_eager": base / p50, "first_call_ms": first * 1e3,
-                                 "measured_peak_GBps": peak, "allocator": allocator,
+                                 "measured_peak_GBps": peak, "allocator": alloc,
                                  "device": dev_name, "torch": prov["versions"].get("torch"),
                                  "triton": prov["versions"].get("triton", ""),
                                  "git_sha": prov["git_sha"], "timestamp": prov["timestamp"],

@@ -199,9 +199,9 @@ def expected_inputs(model: nn.Module, spec: ArchSpec | None = None) -> dict[str,
     spec = spec or get_arch(model)
     out = {n: m.in_features for n, m in model.named_modules()
            if isinstance(m, nn.Linear) and n.startswith(spec.layers + ".")}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear):
-        out[_name_of(model, head)] = head.in_features
+    head = output_head(model)
+    if head is not None:
+        out[module_name(model, head)] = head.in_features
     if spec.experts is not None:
         for i, layer in enumerate(decoder_layers(model, spec)):
             ex = resolve(layer, spec.experts.path)
@@ -212,8 +212,15 @@ def expected_inputs(model: nn.Module, spec: ArchSpec | None = None) -> dict[str,
     return out
 
 
-def _name_of(model: nn.Module, mod: nn.Module) -> str:
+def module_name(model: nn.Module, mod: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is mod)
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when it is an nn.Linear (what calibration records and W8A8 can
+    quantize), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Linear) else None
 
 
 class _Recorder:
@@ -316,8 +323,8 @@ def head_skipped(model: nn.Module):
     """Calibration never reads the logits, and with a large vocabulary the output head is most of
     the forward (Gemma-3: 262k x 640). Inside this block the head's hooks still fire (its input is
     recorded) but its matmul is replaced by a zero view (no memory)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    head = output_head(model)
+    if head is None:
         yield
         return
     own_forward = vars(head).get("forward")  # e.g. accelerate's wrapper

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibration import ActivationStats
+from .calibration import ActivationStats, module_name, output_head
 from .errors import OutlierqError
 from .mitigate.surgery import set_module
 from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve
@@ -289,10 +289,8 @@ def quantizes_head(config: W8A8 | LLMInt8 | None) -> bool:
 
 
 def _head_name(model: nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        return None
-    return next(n for n, m in model.named_modules() if m is head)
+    head = output_head(model)
+    return None if head is None else module_name(model, head)
 
 
 def _untie(model: nn.Module) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import allocator
 from .calibration import ActivationStats, batches, finish, head_skipped, recorder
 from .errors import OutlierqError
 from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, recipe_to_list
@@ -159,7 +160,7 @@ def drop_embeddings(model: nn.Module) -> None:
     for m in (model.get_input_embeddings(), model.get_output_embeddings()):
         if m is not None:
             m.to("meta")
-    _trim()
+    allocator.trim()
 
 
 def free_layer(model: nn.Module, i: int) -> None:
@@ -167,35 +168,14 @@ def free_layer(model: nn.Module, i: int) -> None:
     malloc_trim, glibc keeps the freed heap of every layer and the RSS grows by ~80 MB per 3B
     layer (measured)."""
     decoder_layers(model)[i].to("meta")
-    _trim()
-
-
-def _trim() -> None:
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _libc()
-_M_MMAP_THRESHOLD = -3
+    allocator.trim()
 
 
 def _return_freed_memory() -> None:
     """Tensors of 1 MB and more get their own mapping, returned to the system when freed. glibc's
     default threshold rises to 32 MB after the first large free, so a 3B layer's activations
     (26 MB each) fragment the heap: peak RSS 2.3 GB instead of 1.5 GB (measured, random 3B)."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    allocator.mmap_threshold(1 << 20)
 
 
 class _Stop(Exception):

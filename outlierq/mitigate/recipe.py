@@ -24,12 +24,12 @@ from .registry import MITIGATIONS, lookup
 CHOSEN = ("rotation", "smoothquant_alpha", "split_intermediate_size", "split_channels", "expert_tokens")
 
 
-def _name_of(cfg) -> str:
+def name_of(cfg) -> str:
     return lookup(cfg).name
 
 
 def recipe_to_list(recipe: list) -> list[dict[str, Any]]:
-    return [{_name_of(c): dataclasses.asdict(c)} for c in recipe]
+    return [{name_of(c): dataclasses.asdict(c)} for c in recipe]
 
 
 def recipe_from_list(items: list[dict[str, Any]]) -> list:

@@ -143,6 +143,16 @@ def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
         f.result()
 
 
+def _src(x: torch.Tensor) -> tuple[int, int, int]:
+    """(address, dtype code, row stride) of x as the C functions take them."""
+    return x.data_ptr(), _DTYPES[x.dtype], x.stride(0)
+
+
+def _inverse(smooth: torch.Tensor | None) -> torch.Tensor | None:
+    """1 / smooth in float32, as the twins multiply by it (kept alive by the caller)."""
+    return None if smooth is None else smooth.float().reciprocal().contiguous()
+
+
 # Named in torch.profiler tables (a ctypes call is not an aten op and would be invisible there).
 _profiled = torch.profiler.record_function
 
@@ -180,7 +190,7 @@ def _channel_stats(x: torch.Tensor, thresholds: torch.Tensor):
     colsum = torch.empty(len(parts), n)
     counts = torch.empty(len(parts), t, n, dtype=torch.int32)
     rowmax = torch.empty(m)
-    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
+    lib, (xp, dt, s) = _lib(), _src(x)
 
     def one(i, r0, r1, buf):
         lib.channel_stats_rows(xp, dt, s, r0, r1, n, thr.data_ptr(), t, colmax[i].data_ptr(),
@@ -199,9 +209,8 @@ def _quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None, want_col_a
     scales = torch.empty(m)
     parts = _parts(m, n)
     col = torch.empty(len(parts), n) if want_col_absmax else None
-    inv_s = None if smooth is None else smooth.float().reciprocal().contiguous()
-    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
-    isp = None if inv_s is None else inv_s.data_ptr()
+    inv_s = _inverse(smooth)
+    lib, (xp, dt, s), isp = _lib(), _src(x), None if inv_s is None else inv_s.data_ptr()
 
     def one(i, r0, r1, buf):
         lib.quant_token_rows(xp, dt, s, r0, r1, n, isp, q.data_ptr(), scales.data_ptr(),
@@ -215,9 +224,8 @@ def _quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Ten
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.int8)
     inv = float(scale.float().clamp(min=1e-12).reciprocal().reshape(-1)[0])
-    inv_s = None if smooth is None else smooth.float().reciprocal().contiguous()
-    lib, dt, xp, s = _lib(), _DTYPES[x.dtype], x.data_ptr(), x.stride(0)
-    isp = None if inv_s is None else inv_s.data_ptr()
+    inv_s = _inverse(smooth)
+    lib, (xp, dt, s), isp = _lib(), _src(x), None if inv_s is None else inv_s.data_ptr()
 
     def one(i, r0, r1, buf):
         lib.quant_tensor_rows(xp, dt, s, r0, r1, n, isp, inv, q.data_ptr(), buf)

@@ -86,6 +86,12 @@ class TensorStats:
     _FIELDS = ("absmax", "abssum", "counts", "token_hist", "top_values", "top_where")
 
 
+def _shared_sum(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """a + b per name; names that share one tensor in `a` share the sum."""
+    done: dict[int, torch.Tensor] = {}
+    return {k: done.setdefault(id(v), v + b[k]) for k, v in a.items()}
+
+
 @dataclass
 class ActivationStats:
     thresholds: tuple[float, ...]
@@ -93,6 +99,9 @@ class ActivationStats:
     residual: dict[str, TensorStats] = field(default_factory=dict)  # decoder layer -> its output
     meta: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear name -> rows [R, N]
+    # Linear name -> sum of x x^T over every calibration row [N, N], float64 (for GPTQ); Linears
+    # that read one tensor (q/k/v) share one matrix
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         if self.thresholds != other.thresholds or self.inputs.keys() != other.inputs.keys():
@@ -102,6 +111,7 @@ class ActivationStats:
             {k: v.merge(other.inputs[k]) for k, v in self.inputs.items()},
             {k: v.merge(other.residual[k]) for k, v in self.residual.items()},
             dict(self.meta, tokens=self.meta.get("tokens", 0) + other.meta.get("tokens", 0)),
+            hessians=_shared_sum(self.hessians, other.hessians) if self.hessians and other.hessians else {},
         )
 
     def input_absmax(self, name: str) -> torch.Tensor:
@@ -119,16 +129,17 @@ class ActivationStats:
             for name, st in table.items():
                 for f in TensorStats._FIELDS:
                     tensors[f"{kind}/{name}/{f}"] = getattr(st, f).contiguous()
-        # Linears that read the same tensor (q/k/v) share one sample: store it once.
-        seen: dict[int, str] = {}
+        # Linears that read the same tensor (q/k/v) share one sample and one Hessian: store once.
         aliases = {}
-        for name, rows in self.samples.items():
-            if id(rows) in seen:
-                aliases[name] = seen[id(rows)]
-            else:
-                seen[id(rows)] = name
-                tensors[f"sample/{name}"] = rows.contiguous()
-        meta = dict(self.meta, thresholds=list(self.thresholds), sample_aliases=aliases,
+        for kind, table in (("sample", self.samples), ("hessian", self.hessians)):
+            seen: dict[int, str] = {}
+            for name, t in table.items():
+                if id(t) in seen:
+                    aliases[f"{kind}/{name}"] = f"{kind}/{seen[id(t)]}"
+                else:
+                    seen[id(t)] = name
+                    tensors[f"{kind}/{name}"] = t.contiguous()
+        meta = dict(self.meta, thresholds=list(self.thresholds), aliases=aliases,
                     tokens_in={k: v.tokens for k, v in self.inputs.items()},
                     tokens_res={k: v.tokens for k, v in self.residual.items()})
         with atomic_path(path) as tmp:
@@ -148,17 +159,19 @@ class ActivationStats:
         except Exception as e:  # header errors come as several exception types
             raise OutlierqError(f"{path} is not an outlierq statistics file ({e})") from None
         out = cls(tuple(meta.pop("thresholds")))
-        aliases = meta.pop("sample_aliases", {})
+        aliases = meta.pop("aliases", None)
+        if aliases is None:  # files written before Hessians were kept
+            aliases = {f"sample/{k}": f"sample/{v}" for k, v in meta.pop("sample_aliases", {}).items()}
         tok_in, tok_res = meta.pop("tokens_in"), meta.pop("tokens_res")
         for kind, table, toks in (("in", out.inputs, tok_in), ("res", out.residual, tok_res)):
             for name, n in toks.items():
                 table[name] = TensorStats(*(tensors[f"{kind}/{name}/{f}"] for f in TensorStats._FIELDS),
                                           tokens=n)
-        for k, v in tensors.items():
-            if k.startswith("sample/"):
-                out.samples[k[len("sample/"):]] = v
-        for name, src in aliases.items():
-            out.samples[name] = out.samples[src]
+        tables = {"sample": out.samples, "hessian": out.hessians}
+        for k, v in list(tensors.items()) + [(a, tensors[src]) for a, src in aliases.items()]:
+            kind, _, name = k.partition("/")
+            if kind in tables:
+                tables[kind][name] = v
         out.meta = meta
         return out
 
@@ -227,8 +240,11 @@ class _Recorder:
     """Holds the hooks; removed in `close()` even when the forward pass fails."""
 
     def __init__(self, model: nn.Module, thresholds, keep_rows: int, rows_per_batch: int,
-                 backend: str, seed: int):
+                 backend: str, seed: int, hessians: bool = False):
         self.thr = thresholds
+        self.hessian = hessians
+        self.hessians: dict[str, torch.Tensor] = {}  # owner Linear -> sum x x^T (float64)
+        self.hessian_owner: dict[str, str] = {}      # Linear -> the Linear whose matrix it shares
         self.backend = backend
         self.keep = keep_rows
         self.rows_per_batch = rows_per_batch
@@ -240,7 +256,7 @@ class _Recorder:
         self.fired: dict[str, int] = {}
         self.sample0 = 0
         self.seqlen = 1
-        self._last: tuple[weakref.ref, ops.ChannelStats, list] | None = None
+        self._last: tuple[weakref.ref, ops.ChannelStats, list, str] | None = None
         self.handles = []
         self.expert_tokens: dict[str, torch.Tensor] = {}
         spec = get_arch(model)
@@ -265,7 +281,7 @@ class _Recorder:
     def _stats(self, x: torch.Tensor, name: str):
         # q/k/v (and gate/up) read the very same tensor: reduce it once, record it thrice.
         if self._last is not None and self._last[0]() is x:
-            return self._last[1], self._last[2]
+            return self._last[1], self._last[2], self._last[3]
         x2 = x.detach().reshape(-1, x.shape[-1])
         cs = ops.channel_stats(x2, self.thr, backend=self.backend)
         kept = []
@@ -277,11 +293,17 @@ class _Recorder:
             kept = [x2[idx.to(x2.device)].float().cpu()]
         # A weak reference: holding the activation past its last use in the model made every
         # one a fresh allocation whose release cost ~1 ms (measured: a third of the hooks' time).
-        self._last = (weakref.ref(x), cs, kept)
-        return cs, kept
+        self._last = (weakref.ref(x), cs, kept, name)
+        return cs, kept, name
 
     def _record(self, table, name, x):
-        cs, kept = self._stats(x, name)
+        cs, kept, first = self._stats(x, name)
+        if self.hessian and table is self.inputs and not name.endswith((".gate_up", ".down")):
+            owner = self.hessian_owner.setdefault(name, first)
+            if owner == name:  # the first Linear to read this tensor accumulates for all
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                h = (x2.t() @ x2).double().cpu()
+                self.hessians[name] = self.hessians[name].add_(h) if name in self.hessians else h
         table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
         self.fired[name] = self.fired.get(name, 0) + 1
         if kept and table is self.inputs:  # rows are kept for Linear inputs (the alpha search)
@@ -345,27 +367,28 @@ def batches(n_windows: int, batch_size: int, rank: int = 0, world: int = 1) -> l
 
 
 def recorder(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, batch_size: int = 8,
-             keep_rows: int = 0, seed: int = 0, backend: str = "auto") -> "_Recorder":
+             keep_rows: int = 0, seed: int = 0, backend: str = "auto", hessians: bool = False) -> "_Recorder":
     """The hooks `calibrate` uses, for runners that drive the forward themselves (layer by
     layer, or one slice of the windows per rank)."""
     n_batches = math.ceil(windows.shape[0] / batch_size)
     return _Recorder(model, tuple(float(t) for t in thresholds), keep_rows,
-                     math.ceil(keep_rows / n_batches) if keep_rows else 0, backend, seed)
+                     math.ceil(keep_rows / n_batches) if keep_rows else 0, backend, seed, hessians)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS,
               batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
-              progress: bool = True, meta: dict | None = None) -> ActivationStats:
+              progress: bool = True, meta: dict | None = None, hessians: bool = False) -> ActivationStats:
     """Run `windows` [S, L] through `model` and return its ActivationStats.
 
     keep_rows > 0 also keeps about that many random rows of every Linear input (for the
-    per-layer alpha search). Under torch.distributed each rank runs its share of the batches and
+    per-layer alpha search); hessians=True also sums x x^T of every Linear input (for GPTQ:
+    hidden^2 float64 numbers per distinct input). Under torch.distributed each rank runs its share of the batches and
     the statistics are reduced exactly (see `outlierq.distributed`); every rank gets them."""
     from . import distributed
 
     prepare(model)
-    rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend)
+    rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend, hessians)
     device = input_device(model)
     rank, world = distributed.rank_world()
     mine = batches(windows.shape[0], batch_size, rank, world)
@@ -402,6 +425,7 @@ def finish(model: nn.Module, rec: "_Recorder", windows: torch.Tensor, keep_rows:
         if key not in by_src:
             by_src[key] = torch.cat(parts)[:keep_rows]
         samples[name] = by_src[key]
+    hessians = {n: rec.hessians[o] for n, o in rec.hessian_owner.items()}  # shared, not copied
     info = dict(meta or {})
     info.update(model=getattr(model, "outlierq_source", getattr(model, "name_or_path", "?")),
                 architecture=get_arch(model).family, samples=int(windows.shape[0]),
@@ -409,4 +433,4 @@ def finish(model: nn.Module, rec: "_Recorder", windows: torch.Tensor, keep_rows:
                 fingerprint=fp, **stamp())
     if rec.expert_tokens:  # tokens the router sent to each expert (statistics cover all tokens)
         info["expert_tokens"] = {k: v.tolist() for k, v in rec.expert_tokens.items()}
-    return ActivationStats(rec.thr, rec.inputs, rec.residual, info, samples)
+    return ActivationStats(rec.thr, rec.inputs, rec.residual, info, samples, hessians)

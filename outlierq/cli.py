@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated |x| thresholds to count")
     p.add_argument("--keep-rows", type=_count(0), default=0,
                    help="also keep this many activation rows per Linear (for --alpha search)")
+    p.add_argument("--hessians", action="store_true",
+                   help="also sum x x^T of every Linear input (for quantize --gptq --stats)")
     p.add_argument("--out", default="stats.safetensors",
                    help="statistics file (replaces only an earlier outlierq statistics file)")
     _add_scale(p)
@@ -106,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--weight-clip", action="store_true",
                        help="search a clip ratio per output channel of the int8 weights on kept "
                             "calibration rows")
+        p.add_argument("--gptq", action="store_true",
+                       help="round the int8 weights with GPTQ's error feedback through the "
+                            "calibration Hessians (one more matrix per Linear input in calibration)")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -194,7 +199,7 @@ def _scheme(a):
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
         return None
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                skip=() if getattr(a, "int8_head", False) else ("lm_head",))
+                gptq=getattr(a, "gptq", False), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
 
 
 def _calibration(a):
@@ -339,6 +344,8 @@ def _cmd_calibrate(a) -> None:
 
     check_file_target(a.out, "statistics file", is_stats_file)
     path = _sequential_path(a)
+    if path is not None and a.hessians:
+        raise OutlierqError("--hessians is for in-memory calibration (GPTQ runs in memory): drop --sequential")
     if path is not None:
         stats = _run_sequential(a, path, thresholds=a.thresholds)["stats"]
         tokens = int(stats.meta["tokens"])
@@ -348,7 +355,7 @@ def _cmd_calibrate(a) -> None:
         ids = data.tokenize(tok, data.read_text(a.calib_data, "calib"))
         wins = data.calib_windows(ids, a.samples, a.seqlen, a.seed)
         stats = calibrate(model, wins, a.thresholds, batch_size=a.batch_size, keep_rows=a.keep_rows,
-                          seed=a.seed, meta={"data": a.calib_data})
+                          seed=a.seed, meta={"data": a.calib_data}, hessians=a.hessians)
         tokens = wins.numel()
     if not is_writer():
         return

@@ -67,7 +67,8 @@ def reduce_recorder(rec, my_batches: list[int]) -> None:
     tokens = torch.tensor([s.tokens for s in stats], dtype=torch.int64)
     dist.all_reduce(tokens)
     mine = {"top": [(s.top_values, s.top_where) for s in stats], "fired": rec.fired,
-            "experts": rec.expert_tokens, "batches": my_batches, "samples": rec.samples}
+            "experts": rec.expert_tokens, "batches": my_batches, "samples": rec.samples,
+            "hessian_owner": rec.hessian_owner}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for i, s in enumerate(stats):
@@ -90,3 +91,11 @@ def reduce_recorder(rec, my_batches: list[int]) -> None:
     for name in names:
         parts = [everyone[r]["samples"][name][j] for b, r, j in order]
         rec.samples[name] = by_first.setdefault(id(parts[0]), parts)
+    # Hessians: a sum over batches, so one all-reduce; a rank that ran no batch adds zeros
+    rec.hessian_owner = {k: v for o in everyone for k, v in o["hessian_owner"].items()}
+    owners = sorted(set(rec.hessian_owner.values()))
+    if owners:
+        mine_h = [rec.hessians.get(o, torch.zeros(rec.inputs[o].absmax.numel(), rec.inputs[o].absmax.numel(),
+                                                  dtype=torch.float64)) for o in owners]
+        summed = _reduce(mine_h, dist.ReduceOp.SUM)
+        rec.hessians = {o: h.reshape(m.shape).clone() for o, h, m in zip(owners, summed, mine_h)}

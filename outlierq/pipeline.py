@@ -128,7 +128,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     else:
         cal, windows, keep, meta = calibration_plan(model, tokenizer, calibration, configs, scheme)
         stats = calibrate(model, windows, batch_size=cal.batch_size, keep_rows=keep, seed=cal.seed,
-                          progress=progress, meta=meta)
+                          progress=progress, meta=meta, hessians=getattr(scheme, "gptq", False))
         calib_info = asdict(cal) if isinstance(calibration, Calibration) else {"windows": list(windows.shape)}
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .calibration import ActivationStats, module_name, output_head
 from .errors import OutlierqError
+from .gptq import gptq_codes
 from .mitigate.surgery import set_module
 from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve
 from .models.prepare import prepare
@@ -47,6 +48,10 @@ class W8A8:
     # search a clip ratio per output channel of each Linear's int8 weights on the kept
     # calibration rows (`clip_search`); needs statistics with kept rows
     weight_clip: bool = False
+    # round the int8 weights with GPTQ's error feedback (`outlierq.gptq`) instead of to nearest,
+    # on the scale above; needs statistics calibrated with hessians=True. MoE experts stay
+    # round-to-nearest.
+    gptq: bool = False
 
     def act_for(self, name: str) -> str | None:
         """The activation mode of Linear `name`, or None when it stays float."""
@@ -79,14 +84,18 @@ class LLMInt8:
     skip: tuple[str, ...] = ("lm_head",)
 
 
-def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: (codes [N, K] int8, scale [N] f32), scale = absmax/127,
     or clip[n] * absmax/127 with a clip ratio per output channel (values beyond it saturate).
+    With the input Hessian [K, K] the codes on that scale come from GPTQ (`gptq_codes`).
 
     A bf16/fp16 weight gets its scale rounded to that dtype first (the checkpoint stores scales in
     the model dtype) and its codes from the rounded scale, so the model outlierq evaluates is the
     one it exports."""
+    if hessian is not None:
+        _, scale = quantize_weight(w, backend, clip)
+        return gptq_codes(w, hessian, scale), scale
     low = w.dtype in (torch.bfloat16, torch.float16)
     if clip is None and not low:
         q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
@@ -140,11 +149,11 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
-                    fake: bool = False, backend: str = "auto", clip: torch.Tensor | None = None
-                    ) -> "Int8Linear":
+                    fake: bool = False, backend: str = "auto", clip: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None) -> "Int8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, fake, backend,
                 dtype=lin.weight.dtype)
-        q, s = quantize_weight(lin.weight, backend, clip)
+        q, s = quantize_weight(lin.weight, backend, clip, hessian)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
         if lin.bias is not None:
@@ -318,6 +327,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
         raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
                             "calibrate with keep_rows > 0")
+    if isinstance(config, W8A8) and config.gptq and (stats is None or not stats.hessians):
+        raise OutlierqError("W8A8(gptq=True) rounds weights through the calibration Hessians: "
+                            "calibrate with hessians=True (`outlierq calibrate --hessians`; compress and "
+                            "--gptq without --stats do this)")
     if isinstance(config, LLMInt8) and spec.experts is not None:
         raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
                             "fused tensors here: use W8A8")
@@ -341,7 +354,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
             act = config.act_for(name)
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
             clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
-            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip)
+            hess = stats.hessians[name] if config.gptq else None
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess)
         set_module(model, name, new)
     if spec.experts is not None:
         for i, layer in enumerate(decoder_layers(model, spec)):

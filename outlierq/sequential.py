@@ -428,6 +428,9 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     if quantizes_head(scheme):
         raise OutlierqError("the layer-by-layer pipeline keeps the output head float; for an int8 head "
                             "(--int8-head) quantize in memory (without --sequential)")
+    if getattr(scheme, "gptq", False):  # every Linear's Hessian at once would not fit for a big model
+        raise OutlierqError("the layer-by-layer pipeline rounds weights to nearest; for GPTQ (--gptq) "
+                            "quantize in memory (without --sequential)")
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     configs = resolve_recipe(recipe, act, model, layer_by_layer=True)

@@ -53,6 +53,17 @@ ROWS = [
      "both"),
     ("Rotate + OCS split + SmoothQuant searched + int8 head",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", W8A8(act="token", skip=())),
+    ("int8 weights only + GPTQ", "", W8A8(act="none", gptq=True)),
+    ("Rotate + OCS split + SmoothQuant searched + GPTQ",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "both+gptq"),
+    ("OCS split + SmoothQuant searched, per-token objective + GPTQ",
+     "split:ratio=4+smoothquant:alpha=search,act={act},objective=token", "both+gptq"),
+    ("OCS split + SmoothQuant searched, per-token objective, down_proj per-token",
+     "split:ratio=4+smoothquant:alpha=search,act=tensor,objective=token",
+     W8A8(act="tensor", token_for=("*down_proj",))),
+    ("SmoothQuant a=0.8 + GPTQ", "smoothquant:alpha=0.8", "both+gptq"),
+    ("SmoothQuant a=0.8, down_proj per-token + GPTQ", "smoothquant:alpha=0.8",
+     W8A8(act="tensor", token_for=("*down_proj",), gptq=True)),
 ]
 
 
@@ -60,9 +71,9 @@ UNQUANTIZED = ("FP32", "BF16 (unquantized; vs-FP32 column: vs this row)")
 
 
 def _quantizers(q):
-    if q in ("both", "both+clip"):
-        clip = q == "both+clip"
-        return [("token", W8A8(act="token", weight_clip=clip)), ("tensor", W8A8(act="tensor", weight_clip=clip))]
+    if q in ("both", "both+clip", "both+gptq"):
+        kw = {"weight_clip": q == "both+clip", "gptq": q == "both+gptq"}
+        return [("token", W8A8(act="token", **kw)), ("tensor", W8A8(act="tensor", **kw))]
     if isinstance(q, W8A8) and q.token_for:
         return [("tensor+token", q)]
     return [("token" if isinstance(q, W8A8) and q.act == "token" else
@@ -120,14 +131,17 @@ def main() -> None:
             mitigate(bases[key], None, first)
         return key, bases[key]
 
-    def stats_for(data: str, key: str = "[]", base=None):
-        if (data, key) not in stats_cache:
+    def stats_for(data: str, key: str = "[]", base=None, hessians: bool = False):
+        # statistics with Hessians (GPTQ rows) serve the other rows too
+        if (data, key, True) in stats_cache:
+            return stats_cache[data, key, True]
+        if (data, key, hessians) not in stats_cache:
             w = calib_windows(tokenize(tok, read_text(data, "calib")), a.samples, a.seqlen, a.seed)
             t0 = time.perf_counter()
             s = calibrate(base if base is not None else model, w, keep_rows=a.keep_rows, seed=a.seed,
-                          meta={"data": data})
-            stats_cache[data, key] = (s, time.perf_counter() - t0)
-        return stats_cache[data, key]
+                          meta={"data": data}, hessians=hessians)
+            stats_cache[data, key, hessians] = (s, time.perf_counter() - t0)
+        return stats_cache[data, key, hessians]
 
     rows: list[dict] = []
     old = Path(a.out) / f"ppl_{name}.json"
@@ -150,8 +164,8 @@ def main() -> None:
         key, base = base_for(first) if first else ("[]", model)
         m = copy.deepcopy(base)
         rest = recipe[len(first):]
-        if recipe or (isinstance(q, W8A8) and (q.act == "tensor" or q.weight_clip)):
-            stats, calib_s = stats_for(data, key, base)
+        if recipe or (isinstance(q, W8A8) and (q.act == "tensor" or q.weight_clip or q.gptq)):
+            stats, calib_s = stats_for(data, key, base, isinstance(q, W8A8) and q.gptq)
         t0 = time.perf_counter()
         res = compress(m, tok, rest, q, stats, progress=False)
         stats = res.stats

@@ -1,6 +1,6 @@
 """Data-parallel calibration on torch.distributed (2 gloo processes through torchrun, as
 `--nproc 2` launches them) equals the one-process run: statistics (maxima, counts and kept rows
-exactly, sums to 1e-12) and the export, bit for bit; in memory and layer by layer."""
+exactly, sums and Hessians to 1e-12) and the export, bit for bit; in memory and layer by layer."""
 import json
 
 import pytest
@@ -30,15 +30,20 @@ def _close(a: ActivationStats, b: ActivationStats):
     assert a.samples.keys() == b.samples.keys()
     assert all(torch.equal(a.samples[k], b.samples[k]) for k in a.samples)
     assert a.meta["expert_tokens"] == b.meta["expert_tokens"]
+    assert a.hessians.keys() == b.hessians.keys()
+    for k in a.hessians:
+        torch.testing.assert_close(a.hessians[k], b.hessians[k], rtol=1e-12, atol=1e-12 * a.hessians[k].abs().max().item())
 
 
 @pytest.mark.parametrize("mode", [[], ["--sequential"]])
 def test_two_gloo_processes_calibrate_like_one(src, tmp_path, mode):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    args = ["calibrate", "--model", str(src), "--keep-rows", "40"] + QUICK + mode
+    args = ["calibrate", "--model", str(src), "--keep-rows", "40"] + QUICK + (mode or ["--hessians"])
     assert main(args + ["--out", str(one)]) == 0
     assert main(args + ["--out", str(two), "--nproc", "2"]) == 0
-    _close(ActivationStats.load(one), ActivationStats.load(two))
+    a = ActivationStats.load(one)
+    assert bool(a.hessians) == (not mode)  # (in memory only: Hessians for GPTQ)
+    _close(a, ActivationStats.load(two))
 
 
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")

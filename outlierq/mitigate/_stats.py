@@ -3,7 +3,8 @@
 Per-channel maxima and sums transform exactly under a positive per-channel scale or a channel
 split, so static input scales and the alpha search stay correct. Counts above thresholds, the
 token histogram and the top-k values do not transform exactly: they describe the model as
-calibrated (recalibrate to see them after a mitigation, as `outlierq report` does)."""
+calibrated (recalibrate to see them after a mitigation, as `outlierq report` does). Kept rows
+and the Hessians (sum x x^T) transform exactly too: the channel map applies to each row / side."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,7 @@ def _transformed(stats: ActivationStats, names: list[str], col_fn) -> Activation
     out = copy.copy(stats)
     out.inputs = dict(stats.inputs)
     out.samples = dict(stats.samples)
+    out.hessians = dict(stats.hessians)
     done: dict[int, torch.Tensor] = {}
     for n in names:
         st = stats.inputs[n]
@@ -27,6 +29,11 @@ def _transformed(stats: ActivationStats, names: list[str], col_fn) -> Activation
             if id(rows) not in done:  # rows shared by q/k/v stay shared
                 done[id(rows)] = col_fn(rows.double().t()).t().float()
             out.samples[n] = done[id(rows)]
+        if n in stats.hessians:  # sum x x^T: the channel map applies to both sides
+            h = stats.hessians[n]
+            if id(h) not in done:
+                done[id(h)] = col_fn(col_fn(h).t()).t().contiguous()
+            out.hessians[n] = done[id(h)]
     return out
 
 

@@ -166,7 +166,7 @@ def check_layer_major(recipe: list) -> None:
 def layer_result(stats: ActivationStats) -> ActivationStats:
     """A copy of `stats` for `mitigate_layer` to fill in, one layer at a time."""
     return ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual), dict(stats.meta),
-                           dict(stats.samples))
+                           dict(stats.samples), dict(stats.hessians))
 
 
 @torch.no_grad()
@@ -191,6 +191,7 @@ def mitigate_layer(model: nn.Module, stats: ActivationStats, recipe: list, i: in
     prefix = f"{get_arch(model).layers}.{i}."
     out.inputs.update({k: v for k, v in s.inputs.items() if k.startswith(prefix)})
     out.samples.update({k: v for k, v in s.samples.items() if k.startswith(prefix)})
+    out.hessians.update({k: v for k, v in s.hessians.items() if k.startswith(prefix)})
     alphas = {**out.meta.get("smoothquant_alpha", {}), **s.meta.get("smoothquant_alpha", {})}
     out.meta.update(s.meta)
     if alphas:

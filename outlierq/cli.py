@@ -202,6 +202,15 @@ def _scheme(a):
                 gptq=getattr(a, "gptq", False), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
 
 
+def _scheme_record(a) -> dict:
+    """The quantization scheme for outlierq.json (how weights were rounded, which Linears got
+    which activations): what config.json's quantization_config does not say."""
+    from dataclasses import asdict
+
+    scheme = _scheme(a)
+    return {"scheme": asdict(scheme)} if scheme is not None else {}
+
+
 def _calibration(a):
     from .calibration import ActivationStats
     from .pipeline import Calibration
@@ -256,7 +265,8 @@ def _run_sequential(a, path: str, out: str | None = None, recipe="none", scheme=
     if a.dtype not in DTYPES:
         raise OutlierqError(f"unknown dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a)) if out else {}
+    kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a),
+              extra=_scheme_record(a)) if out else {}
     return sequential.run(path, out, tok, recipe, scheme, _calibration(a), DTYPES[a.dtype],
                           thresholds=thresholds, **kw)
 
@@ -275,7 +285,7 @@ def _cmd_quantize(a) -> None:
     model, tok, recipe, stats = _prepare(a)
     if is_writer():
         out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a),
-                     expert_format=a.expert_format)
+                     expert_format=a.expert_format, extra=_scheme_record(a))
         print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
@@ -306,7 +316,7 @@ def _cmd_run(a) -> None:
             print(f"outlier  {kind:13s} {r['layer']:32s} channel {r['channel']:5d}  "
                   f"max|x| {r['absmax']:9.1f}  ({r['absmax'] / max(r['median_channel_absmax'], 1e-9):.0f}x median)")
     out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite,
-                 inputs=_inputs(a))
+                 inputs=_inputs(a), extra=_scheme_record(a))
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)

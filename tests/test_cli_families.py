@@ -46,3 +46,27 @@ def test_opt_layouts_run_with_a_notice(over, note, tmp_path, capsys):
     before = AutoModelForCausalLM.from_pretrained(src)(input_ids=x).logits
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "fp")(input_ids=x).logits
     assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_quantize_gptq_cli(tmp_path, capsys):
+    """--gptq: same scales as round-to-nearest, other codes where the Hessian couples inputs (MoE
+    experts stay round-to-nearest), recorded in outlierq.json; saved statistics without Hessians
+    are refused with exit code 2 and nothing written."""
+    from safetensors.torch import load_file
+
+    src = tiny_model_dir(tmp_path / "src", "Qwen2MoeForCausalLM")
+    for flag in ([], ["--gptq"]):
+        assert main(["quantize", "--model", str(src), "--out", str(tmp_path / f"q{len(flag)}")] + flag + QUICK) == 0
+    rtn, gptq = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("q0", "q1"))
+    assert rtn.keys() == gptq.keys()
+    scales = [k for k in rtn if k.endswith("weight_scale")]
+    assert scales and all(torch.equal(rtn[k], gptq[k]) for k in scales)
+    moved = [k for k in rtn if rtn[k].dtype == torch.int8 and not torch.equal(rtn[k], gptq[k])]
+    assert any("q_proj" in k for k in moved) and not any("experts" in k for k in moved)
+    assert json.loads((tmp_path / "q1" / "outlierq.json").read_text())["scheme"]["gptq"] is True
+    assert main(["calibrate", "--model", str(src), "--out", str(tmp_path / "s.safetensors")] + QUICK) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q2"), "--gptq", "--recipe", "none",
+                 "--stats", str(tmp_path / "s.safetensors")] + QUICK) == 2
+    assert "--hessians" in capsys.readouterr().err and not (tmp_path / "q2").exists()

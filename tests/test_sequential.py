@@ -89,6 +89,8 @@ def test_sequential_refuses_split_after_a_step_that_changes_its_statistics(tmp_p
         sequential.run(src, tmp_path / "out", tok, "smoothquant+split", W8A8(), token_batch(4, 16))
     with pytest.raises(OutlierqError, match="keeps the output head float"):
         sequential.run(src, tmp_path / "out", tok, "smoothquant", W8A8(skip=()), token_batch(4, 16))
+    with pytest.raises(OutlierqError, match="rounds weights to nearest"):
+        sequential.run(src, tmp_path / "out", tok, "smoothquant", W8A8(gptq=True), token_batch(4, 16))
     assert not (tmp_path / "out").exists()
 
 

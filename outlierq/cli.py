@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--weight-clip", action="store_true",
                        help="search a clip ratio per output channel of the int8 weights on kept "
                             "calibration rows")
-        p.add_argument("--gptq", action="store_true",
+        p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                        help="round the int8 weights with GPTQ's error feedback through the "
-                            "calibration Hessians (one more matrix per Linear input in calibration)")
+                            "calibration Hessians (calibration then takes ~1.7x as long). Default: on "
+                            "in memory, off layer by layer (--sequential) and with --stats")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -133,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
     p.add_argument("--act", choices=["token", "tensor"], default="token")
     p.add_argument("--windows", type=_count(1), default=8, help="perplexity windows of 2048 tokens")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ rounding of the int8 weights (default: on)")
     p.add_argument("--out", default=None, help="default outlierq-out/<model>-w8a8-<act>")
     p.add_argument("--overwrite", action="store_true")
 
@@ -192,22 +195,30 @@ def _cmd_bench(a) -> None:
     bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget, a.compiled)
 
 
-def _scheme(a):
+def _gptq(a, layer_by_layer: bool) -> bool:
+    # the default (None) follows results/ppl_smollm2-135m.md: GPTQ halves the KL of int8 weight
+    # rounding. The layer-by-layer pipeline does not hold the Hessians, and saved statistics
+    # have them only if calibrated with --hessians.
+    g = getattr(a, "gptq", False)
+    return (not layer_by_layer and not getattr(a, "stats", None)) if g is None else g
+
+
+def _scheme(a, layer_by_layer: bool = False):
     from .quantize import W8A8
 
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
         return None
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                gptq=getattr(a, "gptq", False), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
+                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
 
 
-def _scheme_record(a) -> dict:
+def _scheme_record(a, layer_by_layer: bool = False) -> dict:
     """The quantization scheme for outlierq.json (how weights were rounded, which Linears got
     which activations): what config.json's quantization_config does not say."""
     from dataclasses import asdict
 
-    scheme = _scheme(a)
+    scheme = _scheme(a, layer_by_layer)
     return {"scheme": asdict(scheme)} if scheme is not None else {}
 
 
@@ -266,7 +277,7 @@ def _run_sequential(a, path: str, out: str | None = None, recipe="none", scheme=
         raise OutlierqError(f"unknown dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a),
-              extra=_scheme_record(a)) if out else {}
+              extra=_scheme_record(a, True)) if out else {}
     return sequential.run(path, out, tok, recipe, scheme, _calibration(a), DTYPES[a.dtype],
                           thresholds=thresholds, **kw)
 
@@ -278,7 +289,7 @@ def _cmd_quantize(a) -> None:
     _check_out(a, "checkpoint")
     path = _sequential_path(a)
     if path is not None:
-        res = _run_sequential(a, path, a.out, a.recipe, _scheme(a))
+        res = _run_sequential(a, path, a.out, a.recipe, _scheme(a, True))
         if res["out"] is not None:
             print(f"wrote {res['out']} ({a.format}, {dir_mb(res['out']):.1f} MB; layer by layer)")
         return
@@ -324,7 +335,7 @@ def _cmd_run(a) -> None:
     from .mitigate.recipe import recipe_to_list
 
     rec = {"model": a.model, "recipe": a.recipe, "recipe_resolved": recipe_to_list(recipe), "act": a.act,
-           "export": str(out),
+           **_scheme_record(a), "export": str(out),
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)

@@ -36,7 +36,8 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # to +0.32% (KL 0.00925 -> 0.00724); static is better without it (+1.62% vs +1.80%)
     ("rotatable", "token"): "rotate+" + _SPLIT_SQ,
     # results/ppl_gemma3-270m.md: a fixed alpha=0.8 beats the search for per-token activations
-    # (+0.73% vs +1.40%); split + search is best static (+4.41% vs +6.34%)
+    # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%); split + search
+    # is best static (+4.41% vs +6.34%)
     ("gemma", "token"): "smoothquant:alpha=0.8",
 }
 KEEP_ROWS = 256  # rows kept per Linear input when a mitigation searches on them

@@ -302,6 +302,7 @@ class _Recorder:
             owner = self.hessian_owner.setdefault(name, first)
             if owner == name:  # the first Linear to read this tensor accumulates for all
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                # float64 sums on the CPU: a big model's Hessians would crowd the accelerator
                 h = (x2.t() @ x2).double().cpu()
                 self.hessians[name] = self.hessians[name].add_(h) if name in self.hessians else h
         table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
@@ -383,8 +384,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESH
 
     keep_rows > 0 also keeps about that many random rows of every Linear input (for the
     per-layer alpha search); hessians=True also sums x x^T of every Linear input (for GPTQ:
-    hidden^2 float64 numbers per distinct input). Under torch.distributed each rank runs its share of the batches and
-    the statistics are reduced exactly (see `outlierq.distributed`); every rank gets them."""
+    width^2 float64 numbers per distinct input). Under torch.distributed each rank runs its
+    share of the batches and the statistics are reduced exactly (see `outlierq.distributed`); every rank gets them."""
     from . import distributed
 
     prepare(model)

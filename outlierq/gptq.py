@@ -27,11 +27,12 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int
     round-to-nearest."""
     n, k = w.shape
     W = w.detach().to(torch.float64, copy=True)
-    H = h.detach().to(torch.float64, copy=True)
-    s = scale.detach().to(torch.float64)[:, None]
+    H = h.detach().to(W.device, torch.float64, copy=True)  # (Hessians are kept on the CPU)
+    s = scale.detach().to(W.device, torch.float64)[:, None]
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(k, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
     # upper Cholesky factor of H^-1: row j holds the feedback of column j onto columns > j
@@ -40,7 +41,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         Wb, Ub = W[:, i1:i2], U[i1:i2, i1:i2]
-        err = torch.empty(n, i2 - i1, dtype=W.dtype)
+        err = torch.empty(n, i2 - i1, dtype=W.dtype, device=W.device)
         for j in range(i2 - i1):
             q = torch.round(Wb[:, j:j + 1] / s).clamp_(-127, 127)
             Q[:, i1 + j] = q[:, 0]

@@ -142,7 +142,7 @@ def main() -> None:
     md = [f"# Static W8A8 diagnosis: {a.model}", "", f"Recipe `{a.recipe}`. {rec['protocol']}; "
           f"{a.windows} windows. git {rec['git_sha']}.", "",
           "| variant | KL vs FP32 (nats) | top-1 agreement |", "|---|---|---|"]
-    md += [f"| {r['variant']} | {r['kl']:.5f} | {100 * r['top1']:.2f}% |" for r in rows]
+    md += [f"| {r['variant'].replace('|', '/')} | {r['kl']:.5f} | {100 * r['top1']:.2f}% |" for r in rows]
     write_text(Path(a.out) / f"static_diagnosis_{name}.md", "\n".join(md) + "\n")
 
 

@@ -296,23 +296,28 @@ class _Recorder:
         self._last = (weakref.ref(x), cs, kept, name)
         return cs, kept, name
 
-    def _record(self, table, name, x):
+    def _record(self, table, name, x) -> str:
+        """Record x for `name`; returns the first name that recorded this very tensor."""
         cs, kept, first = self._stats(x, name)
-        if self.hessian and table is self.inputs and not name.endswith((".gate_up", ".down")):
-            owner = self.hessian_owner.setdefault(name, first)
-            if owner == name:  # the first Linear to read this tensor accumulates for all
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                # float64 sums on the CPU: a big model's Hessians would crowd the accelerator
-                h = (x2.t() @ x2).double().cpu()
-                self.hessians[name] = self.hessians[name].add_(h) if name in self.hessians else h
         table[name].update(x.detach().reshape(-1, x.shape[-1]), cs, self.sample0, self.seqlen)
         self.fired[name] = self.fired.get(name, 0) + 1
         if kept and table is self.inputs:  # rows are kept for Linear inputs (the alpha search)
             self.samples.setdefault(name, []).extend(kept)
+        return first
+
+    def _add_hessian(self, name: str, first: str, x: torch.Tensor) -> None:
+        owner = self.hessian_owner.setdefault(name, first)
+        if owner == name:  # the first Linear to read this tensor accumulates for all
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            # float64 sums on the CPU: a big model's Hessians would crowd the accelerator
+            h = (x2.t() @ x2).double().cpu()
+            self.hessians[name] = self.hessians[name].add_(h) if name in self.hessians else h
 
     def _linear_hook(self, name):
         def hook(mod, args, out):
-            self._record(self.inputs, name, args[0])
+            first = self._record(self.inputs, name, args[0])
+            if self.hessian:  # Linears only: MoE experts stay round-to-nearest
+                self._add_hessian(name, first, args[0])
         return hook
 
     def _experts_hook(self, name: str, ex: nn.Module):

@@ -14,6 +14,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -240,7 +241,7 @@ class _Recorder:
     """Holds the hooks; removed in `close()` even when the forward pass fails."""
 
     def __init__(self, model: nn.Module, thresholds, keep_rows: int, rows_per_batch: int,
-                 backend: str, seed: int, hessians: bool = False):
+                 backend: str, seed: int, hessians: bool = False, names=None):
         self.thr = thresholds
         self.hessian = hessians
         self.hessians: dict[str, torch.Tensor] = {}  # owner Linear -> sum x x^T (float64)
@@ -262,6 +263,8 @@ class _Recorder:
         spec = get_arch(model)
         mods = dict(model.named_modules())
         for name, n in expected_inputs(model, spec).items():
+            if names is not None and name not in names:
+                continue
             self.inputs[name] = TensorStats.empty(n, len(thresholds))
             if name in mods:
                 self.handles.append(mods[name].register_forward_hook(self._linear_hook(name)))
@@ -315,9 +318,12 @@ class _Recorder:
 
     def _linear_hook(self, name):
         def hook(mod, args, out):
-            first = self._record(self.inputs, name, args[0])
+            x = args[0]
+            if getattr(mod, "input_rotation", None) is not None:  # rotate_down: what gets quantized
+                x = mod.input_rotation(x)
+            first = self._record(self.inputs, name, x)
             if self.hessian:  # Linears only: MoE experts stay round-to-nearest
-                self._add_hessian(name, first, args[0])
+                self._add_hessian(name, first, x)
         return hook
 
     def _experts_hook(self, name: str, ex: nn.Module):
@@ -373,28 +379,31 @@ def batches(n_windows: int, batch_size: int, rank: int = 0, world: int = 1) -> l
 
 
 def recorder(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, batch_size: int = 8,
-             keep_rows: int = 0, seed: int = 0, backend: str = "auto", hessians: bool = False) -> "_Recorder":
+             keep_rows: int = 0, seed: int = 0, backend: str = "auto", hessians: bool = False,
+             names=None) -> "_Recorder":
     """The hooks `calibrate` uses, for runners that drive the forward themselves (layer by
     layer, or one slice of the windows per rank)."""
     n_batches = math.ceil(windows.shape[0] / batch_size)
     return _Recorder(model, tuple(float(t) for t in thresholds), keep_rows,
-                     math.ceil(keep_rows / n_batches) if keep_rows else 0, backend, seed, hessians)
+                     math.ceil(keep_rows / n_batches) if keep_rows else 0, backend, seed, hessians, names)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, thresholds=DEFAULT_THRESHOLDS,
               batch_size: int = 8, keep_rows: int = 0, seed: int = 0, backend: str = "auto",
-              progress: bool = True, meta: dict | None = None, hessians: bool = False) -> ActivationStats:
+              progress: bool = True, meta: dict | None = None, hessians: bool = False,
+              names: Collection[str] | None = None) -> ActivationStats:
     """Run `windows` [S, L] through `model` and return its ActivationStats.
 
     keep_rows > 0 also keeps about that many random rows of every Linear input (for the
     per-layer alpha search); hessians=True also sums x x^T of every Linear input (for GPTQ:
-    width^2 float64 numbers per distinct input). Under torch.distributed each rank runs its
+    width^2 float64 numbers per distinct input); names: record only these Linears' inputs (a
+    recalibration of some of them; the residual stream is always recorded). Under torch.distributed each rank runs its
     share of the batches and the statistics are reduced exactly (see `outlierq.distributed`); every rank gets them."""
     from . import distributed
 
     prepare(model)
-    rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend, hessians)
+    rec = recorder(model, windows, thresholds, batch_size, keep_rows, seed, backend, hessians, names)
     device = input_device(model)
     rank, world = distributed.rank_world()
     mine = batches(windows.shape[0], batch_size, rank, world)

@@ -234,6 +234,16 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "co
     return out
 
 
+def check_exportable(recipe: list) -> None:
+    """Refuse, before any work, a recipe whose result no checkpoint can hold."""
+    from .mitigate.rotate_down import RotateDown
+
+    if any(isinstance(c, RotateDown) for c in recipe):
+        raise OutlierqError("rotate_down is in memory only (transformers does not reload an online "
+                            "rotation from a checkpoint): evaluate it through the Python API "
+                            "(outlierq.compress), or drop it to export")
+
+
 def check_export_args(fmt: str, expert_format: str) -> None:
     if expert_format not in ("pack-quantized", "int-quantized"):
         raise OutlierqError(f"unknown expert_format {expert_format!r}: pack-quantized | int-quantized")
@@ -245,6 +255,13 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
     """The checkpoint's config: the model's, with the quantization_config for compressed-tensors
     (only module types and names are read, so a layer-by-layer skeleton works too)."""
     spec = get_arch(model)  # unsupported families fail here, with one line
+    from .mitigate.rotate_down import rotated_linears
+
+    rotated = rotated_linears(model)
+    if rotated:  # see mitigate/rotate_down.py
+        raise OutlierqError(f"{rotated[0]} rotates its input online (rotate_down), which transformers "
+                            "does not reload from a checkpoint: rotate_down is in memory only; export "
+                            "without it")
     quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))]
     if fmt == "fp" and quantized:
         raise OutlierqError("format 'fp' writes the unquantized model; export before quantize_")

@@ -237,7 +237,9 @@ def _prepare(a):
     from . import load_model
     from .pipeline import compress, resolve_recipe
 
-    resolve_recipe(a.recipe, a.act)  # bad recipes and stats files fail before the model load
+    from .checkpoint import check_exportable
+
+    check_exportable(resolve_recipe(a.recipe, a.act))  # bad recipes and stats files fail before the model load
     calib = _calibration(a)
     model, tok = load_model(a.model, a.dtype)
     result = compress(model, tok, a.recipe, _scheme(a), calib, check_stats=not getattr(a, "force_stats", False))

@@ -124,16 +124,28 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         return CompressResult(model, first, scheme, None, None,
                               {"recipe": recipe_to_list(first), "calibration": None})
     if isinstance(calibration, ActivationStats):
+        if any(lookup(c).recalibrates for c in configs):
+            raise OutlierqError(f"{next(lookup(c).name for c in configs if lookup(c).recalibrates)} "
+                                "recalibrates the mitigated model: pass calibration windows or a "
+                                "Calibration, not statistics (CLI: drop --stats)")
         stats = calibration  # mitigate() below checks they describe this model
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
     else:
         cal, windows, keep, meta = calibration_plan(model, tokenizer, calibration, configs, scheme)
-        stats = calibrate(model, windows, batch_size=cal.batch_size, keep_rows=keep, seed=cal.seed,
-                          progress=progress, meta=meta, hessians=getattr(scheme, "gptq", False))
+        run_calibration = lambda names=None: calibrate(  # noqa: E731
+            model, windows, batch_size=cal.batch_size, keep_rows=keep, seed=cal.seed, progress=progress,
+            meta=meta, hessians=getattr(scheme, "gptq", False), names=names)
+        stats = run_calibration()
         calib_info = asdict(cal) if isinstance(calibration, Calibration) else {"windows": list(windows.shape)}
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     mitigated = mitigate(model, stats, configs, check_stats=check_stats)
+    if mitigated is not None and mitigated.meta.get("recalibrate"):
+        # (rotate_down) the named inputs' statistics do not carry over: take them from the
+        # mitigated model itself, on the same windows
+        t1 = time.perf_counter()
+        mitigated = refresh(mitigated, run_calibration(mitigated.meta["recalibrate"]))
+        calib_s += time.perf_counter() - t1
     if first:  # (the rotation ran before calibration: record it with the other choices)
         mitigated.meta = dict(mitigated.meta, rotation=getattr(model, "outlierq_rotation", None))
     if scheme is not None:
@@ -144,6 +156,22 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
               "mitigate_quantize_seconds": time.perf_counter() - t0,
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
     return CompressResult(model, configs, scheme, mitigated, stats, record)
+
+
+def refresh(stats: ActivationStats, fresh: ActivationStats) -> ActivationStats:
+    """`stats` with the entries it marks stale (meta["recalibrate"]) taken from `fresh`, a
+    calibration of the model as it is now."""
+    stale = stats.meta["recalibrate"]
+    out = ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual),
+                          {k: v for k, v in stats.meta.items() if k != "recalibrate"},
+                          dict(stats.samples), dict(stats.hessians))
+    for table, new in ((out.inputs, fresh.inputs), (out.samples, fresh.samples), (out.hessians, fresh.hessians)):
+        for name in stale:
+            table.pop(name, None)
+            if name in new:
+                table[name] = new[name]
+    out.meta["fingerprint"] = fresh.meta["fingerprint"]
+    return out
 
 
 def calibration_plan(model: nn.Module, tokenizer, calibration: Calibration | torch.Tensor, configs: list,

@@ -146,6 +146,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(1) if act == "tensor" else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._wt: torch.Tensor | None = None  # contiguous [K, N] copy: _int_mm runs faster on it
+        self.input_rotation: nn.Module | None = None  # rotate_down's online rotation, kept as is
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
@@ -158,6 +159,8 @@ class Int8Linear(nn.Module):
         m.weight_scale.copy_(s)
         if lin.bias is not None:
             m.bias.copy_(lin.bias.detach())
+        if getattr(lin, "input_rotation", None) is not None:
+            m.input_rotation = lin.input_rotation
         if act == "tensor":
             if input_scale is None:
                 raise OutlierqError("static per-tensor activations need calibration statistics")
@@ -169,6 +172,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         x2 = x.reshape(-1, self.in_features)
         if not self.fake and self.act != "none" and (self._wt is None or self._wt.device != x.device):
             self._wt = ops.gemm_operand(self.weight.t())  # int8 codes, or fp32 codes where faster
@@ -324,6 +329,13 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
     if stats is not None and only is None:
         stats.check_matches(model, exact=check_stats)
+    if stats is not None and stats.meta.get("recalibrate"):
+        raise OutlierqError(f"the statistics of {stats.meta['recalibrate'][0]} (and "
+                            f"{len(stats.meta['recalibrate']) - 1} more) are stale after rotate_down: "
+                            "recalibrate the mitigated model (outlierq.compress does)")
+    if isinstance(config, LLMInt8) and any(getattr(m, "input_rotation", None) is not None for m in model.modules()):
+        raise OutlierqError("LLM.int8 (bitsandbytes) Linears cannot rotate their input online: drop "
+                            "rotate_down from the recipe")
     if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
         raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
                             "calibrate with keep_rows > 0")

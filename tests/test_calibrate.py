@@ -104,3 +104,15 @@ def test_head_instance_forward_is_restored():
     mine = model.lm_head.forward
     calibrate(model, token_batch(2, 16), progress=False)
     assert model.lm_head.forward is mine
+
+
+def test_calibrating_some_inputs_matches_the_full_calibration():
+    model, w = tiny_model("LlamaForCausalLM", outliers=True), token_batch(8, 16)
+    name = "model.layers.1.mlp.down_proj"
+    full = calibrate(model, w, batch_size=4, keep_rows=32, hessians=True, progress=False)
+    some = calibrate(model, w, batch_size=4, keep_rows=32, hessians=True, progress=False, names=[name])
+    assert set(some.inputs) == set(some.samples) == set(some.hessians) == {name}
+    assert torch.equal(some.inputs[name].absmax, full.inputs[name].absmax)
+    assert torch.equal(some.samples[name], full.samples[name])
+    assert torch.equal(some.hessians[name], full.hessians[name])
+    assert set(some.residual) == set(full.residual)

@@ -16,12 +16,12 @@ from ..calibration import ActivationStats
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch
 from ..models.prepare import fingerprint, prepare
-from . import rotate, smoothquant, split  # noqa: F401  (each registers itself)
+from . import rotate, rotate_down, smoothquant, split  # noqa: F401  (each registers itself)
 from .registry import MITIGATIONS, lookup
 
 
 # what a recipe resolved to, kept in the statistics' meta and in the export's outlierq.json
-CHOSEN = ("rotation", "smoothquant_alpha", "split_intermediate_size", "split_channels", "expert_tokens")
+CHOSEN = ("rotation", "down_rotation", "smoothquant_alpha", "split_intermediate_size", "split_channels", "expert_tokens")
 
 
 def name_of(cfg) -> str:
@@ -114,6 +114,11 @@ def mitigate(model: nn.Module, stats: ActivationStats | None, recipe: list,
         raise OutlierqError(f"{free[0].name} needs no statistics and changes what they describe: apply it "
                             f"alone before calibrating, mitigate(model, None, [{free[0].config.__name__}()]) "
                             "(outlierq.compress does this for leading data-free steps)")
+    for k, cfg in enumerate(recipe[:-1]):
+        if lookup(cfg).recalibrates:
+            raise OutlierqError(f"{lookup(cfg).name} must be the last step of the recipe (after "
+                                f"{lookup(recipe[k + 1]).name}): the steps after it would act on its "
+                                "rotated basis; reorder it")
     if stats is None:
         if len(free) < len(recipe):
             raise OutlierqError("this recipe needs calibration statistics (mitigate(model, stats, recipe))")
@@ -150,10 +155,14 @@ def _low_precision(model: nn.Module) -> bool:
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in decoder_layers(model).parameters())
 
 
-def check_layer_major(recipe: list) -> None:
+def check_layer_major(recipe: list, in_memory: bool = False) -> None:
     """Layer by layer, a step that plans over every layer must see the statistics as calibrated:
-    `split` (padded to the largest split) has to come first."""
+    `split` (padded to the largest split) has to come first. in_memory: one layer at a time but
+    the whole model held (bf16 mitigation), where a recalibration can follow."""
     for k, cfg in enumerate(recipe):
+        if lookup(cfg).recalibrates and not in_memory:
+            raise OutlierqError(f"{lookup(cfg).name} needs a second calibration of the mitigated model, "
+                                "which the layer-by-layer pipeline cannot run: drop --sequential")
         if lookup(cfg).data_free:
             raise OutlierqError(f"{lookup(cfg).name} changes the embeddings and every layer at once: it runs "
                                 "in memory, not layer by layer (drop --sequential)")
@@ -176,7 +185,7 @@ def mitigate_layer(model: nn.Module, stats: ActivationStats, recipe: list, i: in
     (not float64: a 3B model's layer would take 1 GB) and cast back once; `stats` as calibrated
     (every layer). Layer i's entries of the result go into `out` (alphas chosen merged); returns
     the result."""
-    check_layer_major(recipe)
+    check_layer_major(recipe, in_memory=True)
     layer = decoder_layers(model)[i]
     own = {id(p): p.dtype for p in layer.parameters()}
     low = set(own.values()) & {torch.bfloat16, torch.float16}
@@ -193,7 +202,10 @@ def mitigate_layer(model: nn.Module, stats: ActivationStats, recipe: list, i: in
     out.samples.update({k: v for k, v in s.samples.items() if k.startswith(prefix)})
     out.hessians.update({k: v for k, v in s.hessians.items() if k.startswith(prefix)})
     alphas = {**out.meta.get("smoothquant_alpha", {}), **s.meta.get("smoothquant_alpha", {})}
+    stale = sorted(set(out.meta.get("recalibrate", [])) | set(s.meta.get("recalibrate", [])))
     out.meta.update(s.meta)
     if alphas:
         out.meta["smoothquant_alpha"] = alphas
+    if stale:
+        out.meta["recalibrate"] = stale
     return s

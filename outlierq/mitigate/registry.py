@@ -16,16 +16,18 @@ class Mitigation:
     # layer indices to change (the layer-by-layer pipeline), None = all
     apply: Callable
     needs_rows: Callable[[Any], bool]     # does this config need kept calibration rows?
-    exact_stats: bool                     # statistics carry over exactly (no recalibration needed)
     data_free: bool = False               # needs no statistics: applied before calibration
+    # some statistics cannot be carried over: the step names them in stats.meta["recalibrate"]
+    # and `outlierq.compress` recalibrates the mitigated model once
+    recalibrates: bool = False
 
 
 MITIGATIONS: dict[str, Mitigation] = {}
 
 
 def register(name: str, config: type, apply: Callable, needs_rows: Callable[[Any], bool] = lambda c: False,
-             exact_stats: bool = True, data_free: bool = False) -> None:
-    MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, exact_stats, data_free)
+             data_free: bool = False, recalibrates: bool = False) -> None:
+    MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, data_free, recalibrates)
 
 
 def is_number(v: Any) -> bool:

@@ -97,13 +97,16 @@ def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Modu
 def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,
              scheme: W8A8 | LLMInt8 | None = W8A8(),
              calibration: Calibration | torch.Tensor | ActivationStats | None = Calibration(),
-             progress: bool = True, check_stats: bool = True) -> CompressResult:
+             progress: bool = True, check_stats: bool = True,
+             recalibrate_on: torch.Tensor | None = None) -> CompressResult:
     """Calibrate `model`, fold `recipe` into its weights and quantize it with `scheme`, in place.
 
     calibration: a `Calibration` (needs `tokenizer`), token windows [S, L], or statistics already
     taken on this model (kept rows included if the recipe searches); None when neither the recipe
     nor the scheme needs statistics. scheme=None: mitigate only. check_stats=False accepts
-    statistics whose weight fingerprint differs from the model's (risk: wrong scales)."""
+    statistics whose weight fingerprint differs from the model's (risk: wrong scales).
+    recalibrate_on: with statistics passed in, the token windows a recalibrating step (rotate_down)
+    records the mitigated model on (the ones the statistics came from)."""
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act, model)
@@ -124,12 +127,16 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         return CompressResult(model, first, scheme, None, None,
                               {"recipe": recipe_to_list(first), "calibration": None})
     if isinstance(calibration, ActivationStats):
-        if any(lookup(c).recalibrates for c in configs):
+        if any(lookup(c).recalibrates for c in configs) and recalibrate_on is None:
             raise OutlierqError(f"{next(lookup(c).name for c in configs if lookup(c).recalibrates)} "
                                 "recalibrates the mitigated model: pass calibration windows or a "
-                                "Calibration, not statistics (CLI: drop --stats)")
+                                "Calibration, not statistics (or recalibrate_on=windows; CLI: drop --stats)")
         stats = calibration  # mitigate() below checks they describe this model
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
+        keep = max((v.shape[0] for v in stats.samples.values()), default=0)
+        run_calibration = lambda names=None: calibrate(  # noqa: E731
+            model, recalibrate_on, keep_rows=keep, seed=stats.meta.get("seed", 0), progress=progress,
+            meta=stats.meta, hessians=bool(stats.hessians), names=names)
     else:
         cal, windows, keep, meta = calibration_plan(model, tokenizer, calibration, configs, scheme)
         run_calibration = lambda names=None: calibrate(  # noqa: E731

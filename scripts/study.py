@@ -65,6 +65,14 @@ ROWS = [
      "split:ratio=4+smoothquant:alpha=search,act=tensor,objective=token",
      W8A8(act="tensor", token_for=("*down_proj",), gptq=True)),
     ("SmoothQuant a=0.8 + GPTQ", "smoothquant:alpha=0.8", "both+gptq"),
+    # online rotation of down_proj's input (R4), after the best recipes of each model
+    ("OCS split + SmoothQuant searched, per-token objective + rotate_down + GPTQ",
+     "split:ratio=4+smoothquant:alpha=search,act={act},objective=token+rotate_down", "both+gptq"),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
+    ("SmoothQuant a=0.8 + rotate_down + GPTQ", "smoothquant:alpha=0.8+rotate_down", "both+gptq"),
+    ("OCS split + SmoothQuant searched + rotate_down + GPTQ",
+     "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
     ("SmoothQuant a=0.8, down_proj per-token + GPTQ", "smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",), gptq=True)),
 ]
@@ -134,12 +142,15 @@ def main() -> None:
             mitigate(bases[key], None, first)
         return key, bases[key]
 
+    def windows_for(data: str) -> torch.Tensor:
+        return calib_windows(tokenize(tok, read_text(data, "calib")), a.samples, a.seqlen, a.seed)
+
     def stats_for(data: str, key: str = "[]", base=None, hessians: bool = False):
         # statistics with Hessians (GPTQ rows) serve the other rows too
         if (data, key, True) in stats_cache:
             return stats_cache[data, key, True]
         if (data, key, hessians) not in stats_cache:
-            w = calib_windows(tokenize(tok, read_text(data, "calib")), a.samples, a.seqlen, a.seed)
+            w = windows_for(data)
             t0 = time.perf_counter()
             s = calibrate(base if base is not None else model, w, keep_rows=a.keep_rows, seed=a.seed,
                           meta={"data": data}, hessians=hessians)
@@ -170,7 +181,9 @@ def main() -> None:
         if recipe or (isinstance(q, W8A8) and (q.act == "tensor" or q.weight_clip or q.gptq)):
             stats, calib_s = stats_for(data, key, base, isinstance(q, W8A8) and q.gptq)
         t0 = time.perf_counter()
-        res = compress(m, tok, rest, q, stats, progress=False)
+        # (rotate_down records down_proj's rotated input on the same windows, after mitigating)
+        again = windows_for(data) if any(lookup(c).recalibrates for c in rest) else None
+        res = compress(m, tok, rest, q, stats, progress=False, recalibrate_on=again)
         stats = res.stats
         prep_s = time.perf_counter() - t0
         fp_row = label == "FP32" and a.dtype == "float32"
@@ -184,7 +197,8 @@ def main() -> None:
                "alphas": stats.meta.get("smoothquant_alpha") if stats is not None else None,
                "split_intermediate_size": stats.meta.get("split_intermediate_size")
                if stats is not None else None,
-               "rotation": getattr(base, "outlierq_rotation", None)}
+               "rotation": getattr(base, "outlierq_rotation", None),
+               "down_rotation": stats.meta.get("down_rotation") if stats is not None else None}
         print(f"{label:40s} {act:7s} ppl {r.ppl:.3f} ({r.windows} windows, "
               f"{r.tokens_per_s:.0f} tok/s)", flush=True)
         del m

@@ -155,3 +155,13 @@ def test_rotate_down_on_a_bf16_model_and_the_cli_refusal(tmp_path):
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--recipe",
                  "smoothquant+rotate_down"]) == 2
     assert not (tmp_path / "q").exists()
+
+
+def test_statistics_passed_in_recalibrate_on_their_windows():
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows, x = token_batch(8, 24, seed=3), token_batch(2, 24)
+    recipe, scheme = "smoothquant:alpha=0.5+rotate_down", W8A8(act="tensor")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    compress(a, None, recipe, scheme, windows, progress=False)
+    compress(b, None, recipe, scheme, calibrate(b, windows, progress=False), progress=False, recalibrate_on=windows)
+    torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, rtol=0, atol=0)

@@ -68,8 +68,12 @@ ROWS = [
     # online rotation of down_proj's input (R4), after the best recipes of each model
     ("OCS split + SmoothQuant searched, per-token objective + rotate_down + GPTQ",
      "split:ratio=4+smoothquant:alpha=search,act={act},objective=token+rotate_down", "both+gptq"),
+    ("OCS split + SmoothQuant searched, per-token objective + rotate_down kind=random + GPTQ",
+     "split:ratio=4+smoothquant:alpha=search,act={act},objective=token+rotate_down:kind=random", "both+gptq"),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down kind=random + GPTQ",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:kind=random", "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down + GPTQ", "smoothquant:alpha=0.8+rotate_down", "both+gptq"),
     ("OCS split + SmoothQuant searched + rotate_down + GPTQ",
      "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),

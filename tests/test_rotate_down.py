@@ -6,32 +6,40 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from outlierq import calibrate
 from outlierq.checkpoint import export
 from outlierq.errors import OutlierqError, OutlierqNotice
 from outlierq.mitigate.recipe import mitigate
-from outlierq.mitigate.rotate_down import RotateDown, _factors, kron_rotation
+from outlierq.mitigate.rotate_down import RotateDown, kron_rotation, plan
 from outlierq.models.arch import decoder_layers, get_arch
 from outlierq.pipeline import compress
 from outlierq.quantize import W8A8, Int8Linear, LLMInt8, quantize_
 from conftest import FAMILIES, char_tokenizer, tiny_model, token_batch
 
 
-@pytest.mark.parametrize("n", [128, 1612, 2048, 97])
+@pytest.mark.parametrize("n", [128, 1612, 2048, 97, 5])
 def test_kron_rotation_is_the_dense_orthogonal_matrix(n):
-    rot, what = kron_rotation(n, seed=3)
-    a, b = _factors(n)
-    assert a * b == n and (a, b) == (rot.a.shape[0], rot.b.shape[0])
+    rot, what = kron_rotation(n, seed=3, out_features=64)
+    m, a, b = plan(n, 64)
+    assert a * b == m >= n and (a, b) == (rot.a.shape[0], rot.b.shape[0])
     dense = torch.diag(rot.signs) @ torch.kron(rot.a, rot.b)  # independent of the factored forward
-    torch.testing.assert_close(dense @ dense.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dense @ dense.t(), torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-12)
     x = torch.randn(5, 3, n, dtype=torch.float64)
-    torch.testing.assert_close(rot(x), x @ dense, rtol=0, atol=1e-12)
-    assert ("randomized Hadamard" in what) == (n in (128, 2048))
+    torch.testing.assert_close(rot(x), F.pad(x, (0, m - n)) @ dense, rtol=0, atol=1e-12)
+    assert ("random orthogonal" in what) == (n == 5) and ("padded" in what) == (m > n)
+    if n != 5:  # every entry of a randomized Hadamard rotation is +-1/sqrt(m)
+        torch.testing.assert_close(dense.abs(), torch.full_like(dense, m ** -0.5), rtol=0, atol=1e-12)
 
 
-def test_factors_are_closest_to_the_square_root():
-    assert _factors(1612) == (31, 52) and _factors(2048) == (32, 64) and _factors(97) == (1, 97)
+def test_plan_pads_to_hadamard_factors_at_the_least_cost():
+    assert plan(2048, 640) == (2048, 32, 64)          # Gemma-3: Sylvester x Sylvester, no padding
+    assert plan(1612, 576) == (1632, 24, 68)          # SmolLM2 split: 20 zero channels, Paley factors
+    assert plan(5, 4) == (5, 1, 5)                    # nothing within n/8: random orthogonal
+    rot, what = kron_rotation(1612, 0, 576, kind="random")  # the width as it is, Gaussian factors
+    assert (rot.a.shape[0], rot.b.shape[0]) == (31, 52) and "padded" not in what
+    assert what == "random orthogonal (31) x random orthogonal (52)"
 
 
 def _rel(a, b):
@@ -165,3 +173,22 @@ def test_statistics_passed_in_recalibrate_on_their_windows():
     compress(a, None, recipe, scheme, windows, progress=False)
     compress(b, None, recipe, scheme, calibrate(b, windows, progress=False), progress=False, recalibrate_on=windows)
     torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_a_padded_rotation_keeps_the_function_and_quantizes():
+    model = tiny_model("LlamaForCausalLM", outliers=True, intermediate_size=100)
+    m_, _, _ = plan(100, 64)
+    assert m_ > 100
+    x, windows = token_batch(2, 24), token_batch(8, 24, seed=3)
+    ref = model(input_ids=x).logits
+    m = copy.deepcopy(model)
+    compress(m, None, "rotate_down", None, windows, progress=False)
+    assert decoder_layers(m)[0].mlp.down_proj.weight.shape == (64, m_)
+    assert _rel(m(input_ids=x).logits, ref) < 1e-5
+    q = copy.deepcopy(model)
+    res = compress(q, None, "rotate_down", W8A8(act="tensor"), windows, progress=False)
+    assert res.stats.inputs["model.layers.0.mlp.down_proj"].absmax.shape == (m_,)
+    plain = copy.deepcopy(model)
+    compress(plain, None, "none", W8A8(act="tensor"), windows, progress=False)
+    # (the planted residual outliers dominate both errors; the padded rotation must not add to them)
+    assert _rel(q(input_ids=x).logits, ref) < 1.2 * _rel(plain(input_ids=x).logits, ref)

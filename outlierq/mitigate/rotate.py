@@ -70,15 +70,24 @@ def _paley(q: int) -> torch.Tensor:
     return s + torch.eye(q + 1, dtype=torch.float64)
 
 
+def _paley_order(n: int) -> int | None:
+    """1 if n is a power of two, else the m with n = 2^k m and a Paley construction of order m
+    (m - 1 a prime = 3 mod 4), else None: the orders `hadamard` can build."""
+    if n & (n - 1) == 0:
+        return 1
+    for m in range(4, n + 1, 4):
+        if n % m == 0 and (n // m) & (n // m - 1) == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            return m
+    return None
+
+
 def hadamard(n: int) -> torch.Tensor | None:
     """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None if outlierq has no
     construction for n."""
-    if n & (n - 1) == 0:
-        return _sylvester(n)
-    for m in range(4, n + 1, 4):
-        if n % m == 0 and (n // m) & (n // m - 1) == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
-            return torch.kron(_sylvester(n // m), _paley(m - 1))
-    return None
+    m = _paley_order(n)
+    if m is None:
+        return None
+    return _sylvester(n) if m == 1 else torch.kron(_sylvester(n // m), _paley(m - 1))
 
 
 def rotation(n: int, cfg: Rotate) -> tuple[torch.Tensor, str]:

@@ -9,11 +9,13 @@ down_proj's weight W becomes W R and the Linear computes (x R)(W R)^T = x W^T: t
 but what gets quantized is x R, whose outliers are spread over every channel. R is applied at run
 time (nothing upstream can absorb it: the SiLU/GELU product is not linear in the rotated basis).
 
-R = diag(s) (A (x) B) with n = a b, a <= b as close to sqrt(n) as the width factors, random signs
-s, and A, B randomized Hadamard matrices where outlierq has a construction for their order (see
-rotate.py), random orthogonal ones otherwise. Applied as A^T X B on the [a, b] view of x: n (a + b)
-multiply-adds per token instead of n^2 for a dense R (SmolLM2 split to 1612 = 31 x 52: 83 per
-channel, ~14% of down_proj's own 1612 x 576; Gemma-3 2048 = 32 x 64: 96 per channel, ~15%).
+R = diag(s) (A (x) B) with random signs s and A, B randomized Hadamard matrices of orders a, b that
+rotate.py can build, m = a b >= n: x is zero-padded to m where n has no such factors (`plan`
+picks the cheapest m within n/8). Applied as A^T X B on the [a, b] view of x: m (a + b)
+multiply-adds per token instead of m^2 for a dense R (SmolLM2 split to 1612, padded to
+1632 = 24 x 68: ~17% of down_proj's own 1612 x 576; Gemma-3 2048 = 32 x 64: ~15%). Hadamard
+factors put every entry of R at +-1/sqrt(m), so a massive channel is spread evenly; kind=random
+uses random orthogonal factors of n as it is (31 x 52 for 1612), whose products are heavy-tailed.
 
 Statistics of down_proj's input do not carry over (a per-tensor maximum of x R is not a function
 of x's per-channel maxima), so this step marks them stale and `outlierq.compress` recalibrates
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +39,19 @@ from torch import nn
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve
 from .registry import register
-from .rotate import Rotate, rotation
+from .rotate import Rotate, _paley_order, rotation
 
 
 @dataclass(frozen=True)
 class RotateDown:
     seed: int = 0
+    # hadamard: randomized Hadamard factors, the input zero-padded to a width that has them
+    # (`plan`); random: random orthogonal factors of the width as it is (measured against it)
+    kind: Literal["hadamard", "random"] = "hadamard"
 
     def __post_init__(self):
+        if self.kind not in ("hadamard", "random"):
+            raise OutlierqError(f"rotate_down kind must be hadamard or random, got {self.kind!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) or self.seed != int(self.seed):
             raise OutlierqError(f"rotate_down seed must be an integer, got {self.seed!r}")
 
@@ -58,7 +66,9 @@ class InputRotation(nn.Module):
         self.register_buffer("b", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = self.a.dtype
+        dt, m = self.a.dtype, self.signs.shape[0]
+        if x.shape[-1] < m:  # zero channels up to a width with Hadamard factors
+            x = F.pad(x, (0, m - x.shape[-1]))
         xs = (x.to(dt) * self.signs).reshape(*x.shape[:-1], self.a.shape[0], self.b.shape[0])
         y = (xs @ self.b).transpose(-1, -2) @ self.a  # (X B)^T A: two plain GEMMs, no batched ones
         return y.transpose(-1, -2).reshape(x.shape).to(x.dtype)
@@ -83,14 +93,33 @@ def _factors(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-def kron_rotation(n: int, seed: int) -> tuple[InputRotation, str]:
-    """The rotation of width n (float64) and what it is made of."""
-    a, b = _factors(n)
+def plan(n: int, out_features: int) -> tuple[int, int, int]:
+    """(m, a, b): the input is zero-padded to m = a * b >= n, with a and b orders `hadamard` can
+    build, at the least cost in multiply-adds per token (the rotation's m (a + b) plus the padded
+    columns' (m - n) * out_features), if any such m lies within n + n/8; else (n, *_factors(n)),
+    random orthogonal factors where no construction exists. Randomized Hadamard factors keep every
+    entry of R at 1/sqrt(m): a massive channel is spread evenly, which Gaussian factors do not do
+    (their products are heavy-tailed)."""
+    best = None
+    for m in range(n, n + n // 8 + 1):
+        for a in range(1, math.isqrt(m) + 1):
+            if m % a == 0 and _paley_order(a) and _paley_order(m // a):
+                cost = m * (a + m // a) + (m - n) * out_features
+                if best is None or cost < best[0]:
+                    best = (cost, m, a, m // a)
+    return best[1:] if best else (n, *_factors(n))
+
+
+def kron_rotation(n: int, seed: int, out_features: int = 0,
+                  kind: str = "hadamard") -> tuple[InputRotation, str]:
+    """The rotation of an n-wide input (float64; padded as `plan` says) and what it is made of."""
+    m, a, b = plan(n, out_features) if kind == "hadamard" else (n, *_factors(n))
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-    ra, what_a = rotation(a, Rotate(seed=seed * 2 + 1))
-    rb, what_b = rotation(b, Rotate(seed=seed * 2 + 2))
-    return InputRotation(signs, ra, rb), what_b if a == 1 else f"{what_a} x {what_b}"
+    signs = torch.randint(0, 2, (m,), generator=g).double() * 2 - 1
+    ra, what_a = rotation(a, Rotate(seed=seed * 2 + 1, kind=kind))
+    rb, what_b = rotation(b, Rotate(seed=seed * 2 + 2, kind=kind))
+    what = what_b if a == 1 else f"{what_a} x {what_b}"
+    return InputRotation(signs, ra, rb), what + (f", input zero-padded {n} -> {m}" if m > n else "")
 
 
 @torch.no_grad()
@@ -109,10 +138,9 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
             lin = resolve(layer, name)
             if isinstance(lin, RotatedLinear):
                 raise OutlierqError(f"rotate_down: {spec.layers}.{i}.{name} is rotated already")
-            rot, desc = kron_rotation(lin.in_features, int(cfg.seed) * 100003 + i)
+            rot, desc = kron_rotation(lin.in_features, int(cfg.seed) * 100003 + i, lin.out_features, cfg.kind)
             what.add(desc)
-            new = RotatedLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                device="meta")
+            new = RotatedLinear(rot.signs.shape[0], lin.out_features, lin.bias is not None, device="meta")
             new.weight = nn.Parameter(rot(lin.weight.detach().double()).to(lin.weight.dtype),
                                       requires_grad=lin.weight.requires_grad)
             new.bias = lin.bias

@@ -12,7 +12,8 @@ from outlierq import calibrate
 from outlierq.checkpoint import export
 from outlierq.errors import OutlierqError, OutlierqNotice
 from outlierq.mitigate.recipe import mitigate
-from outlierq.mitigate.rotate_down import RotateDown, kron_rotation, plan
+from outlierq.mitigate.rotate import _paley_order, hadamard
+from outlierq.mitigate.rotate_down import RotateDown, _orders, kron_rotation, plan
 from outlierq.models.arch import decoder_layers, get_arch
 from outlierq.pipeline import compress
 from outlierq.quantize import W8A8, Int8Linear, LLMInt8, quantize_
@@ -34,6 +35,9 @@ def test_kron_rotation_is_the_dense_orthogonal_matrix(n):
 
 
 def test_plan_pads_to_hadamard_factors_at_the_least_cost():
+    # the sieve's orders are exactly those hadamard() builds (its own order test, and a few built)
+    assert _orders(3000) == {k for k in range(1, 3001) if _paley_order(k)}
+    assert all(hadamard(k) is not None for k in (24, 68, 104, 120)) and hadamard(52) is None
     assert plan(2048, 640) == (2048, 32, 64)          # Gemma-3: Sylvester x Sylvester, no padding
     assert plan(1612, 576) == (1632, 24, 68)          # SmolLM2 split: 20 zero channels, Paley factors
     assert plan(5, 4) == (5, 1, 5)                    # nothing within n/8: random orthogonal

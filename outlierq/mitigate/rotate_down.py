@@ -27,6 +27,7 @@ transformers 5.24 does not apply it when loading, so a checkpoint would reload a
 function; `outlierq.export` refuses rotated models with one line instead."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch import nn
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve
 from .registry import register
-from .rotate import Rotate, _paley_order, rotation
+from .rotate import Rotate, rotation
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,24 @@ def _factors(n: int) -> tuple[int, int]:
     return a, n // a
 
 
+@functools.lru_cache(maxsize=8)
+def _orders(limit: int) -> frozenset[int]:
+    """Every order <= limit that `hadamard` can build: 2^k, and 2^k (q + 1) for primes q = 3 mod 4."""
+    sieve = bytearray([1]) * (limit + 1)
+    sieve[:2] = b"\x00\x00"
+    for i in range(2, math.isqrt(limit) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(range(i * i, limit + 1, i)))
+    bases = [1] + [q + 1 for q in range(3, limit, 4) if sieve[q]]
+    out = set()
+    for b in bases:
+        while b <= limit:
+            out.add(b)
+            b *= 2
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=64)
 def plan(n: int, out_features: int) -> tuple[int, int, int]:
     """(m, a, b): the input is zero-padded to m = a * b >= n, with a and b orders `hadamard` can
     build, at the least cost in multiply-adds per token (the rotation's m (a + b) plus the padded
@@ -100,10 +119,10 @@ def plan(n: int, out_features: int) -> tuple[int, int, int]:
     random orthogonal factors where no construction exists. Randomized Hadamard factors keep every
     entry of R at 1/sqrt(m): a massive channel is spread evenly, which Gaussian factors do not do
     (their products are heavy-tailed)."""
-    best = None
+    best, orders = None, _orders(n + n // 8)
     for m in range(n, n + n // 8 + 1):
         for a in range(1, math.isqrt(m) + 1):
-            if m % a == 0 and _paley_order(a) and _paley_order(m // a):
+            if m % a == 0 and a in orders and m // a in orders:
                 cost = m * (a + m // a) + (m - n) * out_features
                 if best is None or cost < best[0]:
                     best = (cost, m, a, m // a)

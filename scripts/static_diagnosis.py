@@ -5,7 +5,9 @@ quantized dynamically, down_proj's static range clipped, down_proj's input rotat
     python scripts/static_diagnosis.py --model smollm2-135m --windows 3
 
 Writes results/static_diagnosis_<model>.json and .md. A diagnostic, not a study row: the
-variants are built here by hand (the online rotation is not a library mitigation yet)."""
+variants are built here by hand. The dense random rotation below predates the library's
+`rotate_down` (mitigate/rotate_down.py, measured in scripts/study.py); it stays so that the
+recorded numbers reproduce."""
 from __future__ import annotations
 
 import argparse

@@ -61,17 +61,20 @@ def main() -> None:
     a = ap.parse_args()
     model, tok = load_model(a.model)
     ids = tokenize(tok, read_text("wikitext2", "eval"))
-    stats = calibrate(model, calib_windows(tokenize(tok, read_text("wikitext2", "calib")), 16, 512),
-                      progress=False)  # once, shared by every form
+    windows = calib_windows(tokenize(tok, read_text("wikitext2", "calib")), 16, 512)
+    stats = calibrate(model, windows, progress=False)  # once, shared by every form
     forms = {"FP32": model}
-    for label, cfg in (("W8A8 token (int8 GEMM)", W8A8(act="token")),
-                       ("W8A8 token + int8 head", W8A8(act="token", skip=())),
-                       ("W8A8 tensor (int8 GEMM)", W8A8(act="tensor")),
-                       (FP32_CODES, W8A8(act="token")),
-                       ("W8A8 token fake-quant (dequantize + fp32 matmul)", W8A8(act="token", fake=True)),
-                       ("LLM.int8 (bitsandbytes)", LLMInt8())):
-        forms[label] = compress(copy.deepcopy(model), tok, "smoothquant:alpha=0.5", cfg, stats,
-                                progress=False).model
+    sq = "smoothquant:alpha=0.5"
+    for label, cfg, recipe in (("W8A8 token (int8 GEMM)", W8A8(act="token"), sq),
+                               ("W8A8 token + int8 head", W8A8(act="token", skip=()), sq),
+                               ("W8A8 tensor (int8 GEMM)", W8A8(act="tensor"), sq),
+                               ("W8A8 tensor + rotate_down (online rotation of down_proj's input)",
+                                W8A8(act="tensor"), sq + "+rotate_down"),
+                               (FP32_CODES, W8A8(act="token"), sq),
+                               ("W8A8 token fake-quant (dequantize + fp32 matmul)", W8A8(act="token", fake=True), sq),
+                               ("LLM.int8 (bitsandbytes)", LLMInt8(), sq)):
+        forms[label] = compress(copy.deepcopy(model), tok, recipe, cfg, stats, progress=False,
+                                recalibrate_on=windows).model
     _force_fp32_codes(forms[FP32_CODES])
     tps: dict[str, list[float]] = {k: [] for k in forms}
     for _ in range(a.repeats):

@@ -42,10 +42,15 @@ class Rotate:
     kind: Literal["hadamard", "random"] = "hadamard"
 
     def __post_init__(self):
-        if self.kind not in ("hadamard", "random"):
-            raise OutlierqError(f"rotate kind must be hadamard or random, got {self.kind!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) or self.seed != int(self.seed):
-            raise OutlierqError(f"rotate seed must be an integer, got {self.seed!r}")
+        check_options("rotate", self.seed, self.kind)
+
+
+def check_options(name: str, seed, kind: str) -> None:
+    """The options every rotation step shares (rotate, rotate_down)."""
+    if kind not in ("hadamard", "random"):
+        raise OutlierqError(f"{name} kind must be hadamard or random, got {kind!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed):
+        raise OutlierqError(f"{name} seed must be an integer, got {seed!r}")
 
 
 def _is_prime(q: int) -> bool:

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve
 from .registry import register
-from .rotate import Rotate, rotation
+from .rotate import Rotate, check_options, rotation
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,7 @@ class RotateDown:
     kind: Literal["hadamard", "random"] = "hadamard"
 
     def __post_init__(self):
-        if self.kind not in ("hadamard", "random"):
-            raise OutlierqError(f"rotate_down kind must be hadamard or random, got {self.kind!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) or self.seed != int(self.seed):
-            raise OutlierqError(f"rotate_down seed must be an integer, got {self.seed!r}")
+        check_options("rotate_down", self.seed, self.kind)
 
 
 class InputRotation(nn.Module):

@@ -32,6 +32,24 @@ DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
 TOP_K = 16
 # per-token absmax histogram: bins on a log2 scale from 2^-10 to 2^16, half an octave wide
 HIST_EDGES = torch.tensor([2.0 ** (e / 2) for e in range(-20, 33)])
+# histogram of every |x| of an online-rotated Linear input (rotate_down), for the static-range
+# search (`quantize.act_clip_search`): bins a sixteenth of an octave wide from 2^-24 to 2^24;
+# bin 0 also holds smaller values (and zeros), the last bin larger ones
+VALUE_BINS_PER_OCTAVE, VALUE_LOG2_MIN, VALUE_LOG2_MAX = 16, -24, 24
+VALUE_BINS = (VALUE_LOG2_MAX - VALUE_LOG2_MIN) * VALUE_BINS_PER_OCTAVE
+
+
+def value_histogram(x: torch.Tensor) -> torch.Tensor:
+    """i64 [VALUE_BINS] counts of |x| per log2 bin (see VALUE_BINS_PER_OCTAVE)."""
+    idx = (x.detach().float().abs().clamp(min=2.0 ** VALUE_LOG2_MIN).log2_() - VALUE_LOG2_MIN)
+    idx = idx.mul_(VALUE_BINS_PER_OCTAVE).floor_().clamp_(0, VALUE_BINS - 1).long()
+    return torch.bincount(idx.reshape(-1), minlength=VALUE_BINS).cpu()
+
+
+def value_bin_centres() -> torch.Tensor:
+    """The geometric centre of each VALUE_BINS bin, float64."""
+    k = torch.arange(VALUE_BINS, dtype=torch.float64) + 0.5
+    return torch.pow(2.0, k / VALUE_BINS_PER_OCTAVE + VALUE_LOG2_MIN)
 
 
 @dataclass
@@ -103,6 +121,8 @@ class ActivationStats:
     # Linear name -> sum of x x^T over every calibration row [N, N], float64 (for GPTQ); Linears
     # that read one tensor (q/k/v) share one matrix
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Linear name -> `value_histogram` of its input, for inputs rotated online (rotate_down)
+    value_hists: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         if self.thresholds != other.thresholds or self.inputs.keys() != other.inputs.keys():
@@ -113,6 +133,8 @@ class ActivationStats:
             {k: v.merge(other.residual[k]) for k, v in self.residual.items()},
             dict(self.meta, tokens=self.meta.get("tokens", 0) + other.meta.get("tokens", 0)),
             hessians=_shared_sum(self.hessians, other.hessians) if self.hessians and other.hessians else {},
+            value_hists={k: v + other.value_hists[k] for k, v in self.value_hists.items()
+                         if k in other.value_hists},
         )
 
     def input_absmax(self, name: str) -> torch.Tensor:
@@ -130,6 +152,8 @@ class ActivationStats:
             for name, st in table.items():
                 for f in TensorStats._FIELDS:
                     tensors[f"{kind}/{name}/{f}"] = getattr(st, f).contiguous()
+        for name, h in self.value_hists.items():
+            tensors[f"vhist/{name}"] = h.contiguous()
         # Linears that read the same tensor (q/k/v) share one sample and one Hessian: store once.
         aliases = {}
         for kind, table in (("sample", self.samples), ("hessian", self.hessians)):
@@ -168,7 +192,7 @@ class ActivationStats:
             for name, n in toks.items():
                 table[name] = TensorStats(*(tensors[f"{kind}/{name}/{f}"] for f in TensorStats._FIELDS),
                                           tokens=n)
-        tables = {"sample": out.samples, "hessian": out.hessians}
+        tables = {"sample": out.samples, "hessian": out.hessians, "vhist": out.value_hists}
         for k, v in list(tensors.items()) + [(a, tensors[src]) for a, src in aliases.items()]:
             kind, _, name = k.partition("/")
             if kind in tables:
@@ -260,6 +284,7 @@ class _Recorder:
         self._last: tuple[weakref.ref, ops.ChannelStats, list, str] | None = None
         self.handles = []
         self.expert_tokens: dict[str, torch.Tensor] = {}
+        self.value_hists: dict[str, torch.Tensor] = {}
         spec = get_arch(model)
         mods = dict(model.named_modules())
         for name, n in expected_inputs(model, spec).items():
@@ -268,6 +293,8 @@ class _Recorder:
             self.inputs[name] = TensorStats.empty(n, len(thresholds))
             if name in mods:
                 self.handles.append(mods[name].register_forward_hook(self._linear_hook(name)))
+                if getattr(mods[name], "input_rotation", None) is not None:
+                    self.value_hists[name] = torch.zeros(VALUE_BINS, dtype=torch.int64)
         for i, layer in enumerate(decoder_layers(model, spec)):
             name = f"{spec.layers}.{i}"
             self.residual[name] = TensorStats.empty(text_config(model).hidden_size, len(thresholds))
@@ -321,6 +348,7 @@ class _Recorder:
             x = args[0]
             if getattr(mod, "input_rotation", None) is not None:  # rotate_down: what gets quantized
                 x = mod.input_rotation(x)
+                self.value_hists[name] += value_histogram(x)
             first = self._record(self.inputs, name, x)
             if self.hessian:  # Linears only: MoE experts stay round-to-nearest
                 self._add_hessian(name, first, x)
@@ -448,4 +476,4 @@ def finish(model: nn.Module, rec: "_Recorder", windows: torch.Tensor, keep_rows:
                 fingerprint=fp, **stamp())
     if rec.expert_tokens:  # tokens the router sent to each expert (statistics cover all tokens)
         info["expert_tokens"] = {k: v.tolist() for k, v in rec.expert_tokens.items()}
-    return ActivationStats(rec.thr, rec.inputs, rec.residual, info, samples, hessians)
+    return ActivationStats(rec.thr, rec.inputs, rec.residual, info, samples, hessians, rec.value_hists)

@@ -64,6 +64,9 @@ def reduce_recorder(rec, my_batches: list[int]) -> None:
         parts = _reduce([getattr(s, field) for s in stats], op)
         for s, p in zip(stats, parts):
             setattr(s, field, p.reshape(getattr(s, field).shape).clone())
+    if rec.value_hists:  # the same names on every rank (the rotated Linears), zeros where idle
+        hists = _reduce(list(rec.value_hists.values()), dist.ReduceOp.SUM)
+        rec.value_hists = {n: h.clone() for n, h in zip(rec.value_hists, hists)}
     tokens = torch.tensor([s.tokens for s in stats], dtype=torch.int64)
     dist.all_reduce(tokens)
     mine = {"top": [(s.top_values, s.top_where) for s in stats], "fired": rec.fired,

@@ -162,6 +162,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
               "calibration": calib_info, "calibrate_seconds": calib_s,
               "mitigate_quantize_seconds": time.perf_counter() - t0,
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
+    if getattr(model, "outlierq_act_clip", None):
+        record["act_clip"] = model.outlierq_act_clip
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 
@@ -171,8 +173,9 @@ def refresh(stats: ActivationStats, fresh: ActivationStats) -> ActivationStats:
     stale = stats.meta["recalibrate"]
     out = ActivationStats(stats.thresholds, dict(stats.inputs), dict(stats.residual),
                           {k: v for k, v in stats.meta.items() if k != "recalibrate"},
-                          dict(stats.samples), dict(stats.hessians))
-    for table, new in ((out.inputs, fresh.inputs), (out.samples, fresh.samples), (out.hessians, fresh.hessians)):
+                          dict(stats.samples), dict(stats.hessians), dict(stats.value_hists))
+    for table, new in ((out.inputs, fresh.inputs), (out.samples, fresh.samples), (out.hessians, fresh.hessians),
+                       (out.value_hists, fresh.value_hists)):
         for name in stale:
             table.pop(name, None)
             if name in new:

@@ -79,6 +79,13 @@ ROWS = [
      "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
     ("SmoothQuant a=0.8, down_proj per-token + GPTQ", "smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",), gptq=True)),
+    # static only: down_proj's rotated range set by the MSE search over every calibration value
+    ("SmoothQuant a=0.8 + rotate_down + GPTQ + act clip", "smoothquant:alpha=0.8+rotate_down",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip",
+     "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down", W8A8(act="tensor", gptq=True, act_clip=True)),
 ]
 
 
@@ -202,7 +209,8 @@ def main() -> None:
                "split_intermediate_size": stats.meta.get("split_intermediate_size")
                if stats is not None else None,
                "rotation": getattr(base, "outlierq_rotation", None),
-               "down_rotation": stats.meta.get("down_rotation") if stats is not None else None}
+               "down_rotation": stats.meta.get("down_rotation") if stats is not None else None,
+               "act_clip": res.record.get("act_clip")}
         print(f"{label:40s} {act:7s} ppl {r.ppl:.3f} ({r.windows} windows, "
               f"{r.tokens_per_s:.0f} tok/s)", flush=True)
         del m

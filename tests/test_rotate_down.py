@@ -196,3 +196,83 @@ def test_a_padded_rotation_keeps_the_function_and_quantizes():
     compress(plain, None, "none", W8A8(act="tensor"), windows, progress=False)
     # (the planted residual outliers dominate both errors; the padded rotation must not add to them)
     assert _rel(q(input_ids=x).logits, ref) < 1.2 * _rel(plain(input_ids=x).logits, ref)
+
+
+def test_value_histogram_and_act_clip_search_against_brute_force():
+    from outlierq.calibration import VALUE_BINS_PER_OCTAVE, value_bin_centres, value_histogram
+    from outlierq.quantize import ACT_CLIP_GRID, act_clip_search
+
+    g = torch.Generator().manual_seed(0)
+    # rotated-like values: Gaussian tokens whose norms spread over 30x, a few large ones
+    x = torch.randn(4000, 64, generator=g) * torch.exp(1.5 * torch.randn(4000, 1, generator=g))
+    hist = value_histogram(x)
+    assert int(hist.sum()) == x.numel()
+    centres = value_bin_centres()
+    k = torch.bucketize(x.abs().flatten().double(), centres * 2 ** (-0.5 / VALUE_BINS_PER_OCTAVE), right=True) - 1
+    # the bins' lower edges, in float64: float32's log2 puts a few values in 1e5 across an edge
+    assert (torch.bincount(k, minlength=hist.numel()) - hist).abs().sum() <= 1e-4 * x.numel()
+
+    def mse(r):  # brute force: quantize every value on the step and measure
+        s = r * x.abs().max() / 127
+        return ((x / s).round().clamp(-127, 127) * s - x).pow(2).mean().item()
+
+    amax = x.abs().max().item()
+    chosen, best = act_clip_search(hist, amax), min(ACT_CLIP_GRID, key=mse)
+    assert chosen < 0.8  # the max is a rare token here: clipping pays
+    assert mse(chosen) < 1.03 * mse(best) and mse(chosen) < 0.8 * mse(1.0)
+    # a flat distribution up to its max: nothing to gain from clipping
+    assert act_clip_search(value_histogram(torch.rand(10000, generator=g) * 5), 5.0) >= 0.97
+
+
+def test_act_clip_sets_the_rotated_static_ranges_only():
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(8, 24, seed=3)
+    recipe = "smoothquant:alpha=0.5+rotate_down"
+    with pytest.raises(OutlierqError, match="act='tensor'"):
+        W8A8(act="token", act_clip=True)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    plain = compress(a, None, recipe, W8A8(act="tensor"), windows, progress=False)
+    clipped = compress(b, None, recipe, W8A8(act="tensor", act_clip=True), windows, progress=False)
+    from outlierq.calibration import value_histogram
+    from outlierq.quantize import act_clip_search
+
+    # the histogram is of every rotated value the down_proj saw (hooked on the float model)
+    f = copy.deepcopy(model)
+    compress(f, None, recipe, None, windows, progress=False)
+    seen = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, seen.get(i, 0) + value_histogram(mod.input_rotation(args[0]))))
+        for i, layer in enumerate(decoder_layers(f))]
+    with torch.no_grad():
+        f(input_ids=windows)  # (one batch of 8, as compress calibrates)
+    for h in hooks:
+        h.remove()
+    ma, mb = dict(a.named_modules()), dict(b.named_modules())
+    for i in seen:
+        name = f"model.layers.{i}.mlp.down_proj"
+        assert torch.equal(clipped.stats.value_hists[name], seen[i])
+        ratio = act_clip_search(seen[i], (ma[name].input_scale * 127).item())
+        assert clipped.record["act_clip"][name] == ratio
+        torch.testing.assert_close(mb[name].input_scale, ma[name].input_scale * ratio, rtol=1e-6, atol=0)
+    assert set(clipped.record["act_clip"]) == {f"model.layers.{i}.mlp.down_proj" for i in seen}
+    for n, mod in ma.items():  # every unrotated static range stays at the max
+        if isinstance(mod, Int8Linear) and "down_proj" not in n:
+            assert torch.equal(mod.input_scale, mb[n].input_scale)
+    assert "act_clip" not in plain.record
+
+
+def test_value_histograms_persist_and_merge(tmp_path):
+    from outlierq.calibration import ActivationStats
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(8, 24, seed=3)
+    compress(model, None, "rotate_down", None, windows, progress=False)
+    st = calibrate(model, windows, progress=False)
+    assert len(st.value_hists) == len(decoder_layers(model))
+    st.save(tmp_path / "s.safetensors")
+    back = ActivationStats.load(tmp_path / "s.safetensors")
+    assert back.value_hists.keys() == st.value_hists.keys()
+    assert all(torch.equal(back.value_hists[k], v) for k, v in st.value_hists.items())
+    halves = [calibrate(model, w, progress=False) for w in (windows[:4], windows[4:])]
+    merged = halves[0].merge(halves[1])
+    assert all(torch.equal(merged.value_hists[k], v) for k, v in st.value_hists.items())

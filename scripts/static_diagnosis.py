@@ -1,8 +1,12 @@
 """Where static per-tensor W8A8 loses, on one model and recipe: KL against FP32 on the first eval
 windows for variants of the static model (which Linears keep per-token activations, position 0
-quantized dynamically, down_proj's static range clipped, down_proj's input rotated online).
+quantized dynamically, down_proj's static range clipped, down_proj's input rotated online), and
+with --rotate-down the library's rotate_down with its static range scaled by hand and by
+`act_clip`'s search. Also a table of down_proj's input range per token on the calibration windows
+(float model): which token sets the static range, and how far ordinary tokens sit below it.
 
     python scripts/static_diagnosis.py --model smollm2-135m --windows 3
+    python scripts/static_diagnosis.py --model gemma3-270m --recipe smoothquant:alpha=0.8 --windows 2 --rotate-down
 
 Writes results/static_diagnosis_<model>.json and .md. A diagnostic, not a study row: the
 variants are built here by hand. The dense random rotation below predates the library's
@@ -38,11 +42,37 @@ class OnlineRotation(torch.nn.Module):
         return self.lin(x @ self.r)
 
 
+@torch.no_grad()
+def token_ranges(model, tok, windows: torch.Tensor) -> list[dict]:
+    """Per decoder layer: down_proj's input range per token over `windows` (float model)."""
+    seen: dict[int, list] = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(
+        lambda _m, x, _o, i=i: seen.setdefault(i, []).append(
+            (x[0].abs().amax(-1), x[0].float().pow(2).mean(-1).sqrt())))
+        for i, layer in enumerate(decoder_layers(model))]
+    for b in range(0, windows.shape[0], 8):
+        model(input_ids=windows[b:b + 8])
+    for h in hooks:
+        h.remove()
+    out = []
+    for i, parts in sorted(seen.items()):
+        amax = torch.cat([p[0] for p in parts])
+        rms = torch.cat([p[1] for p in parts]).flatten()
+        j = int(amax.flatten().argmax())
+        s, p = divmod(j, amax.shape[1])
+        out.append({"layer": i, "max": amax.max().item(), "position": p, "token": tok.decode(windows[s, p]),
+                    "median_token_max": amax.flatten().median().item(),
+                    "rms_max_over_median": (rms.max() / rms.median()).item()})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipe", default=RECIPE)
     ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--rotate-down", action="store_true",
+                    help="also the library's rotate_down variants (static range scaled, act_clip)")
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -52,6 +82,7 @@ def main() -> None:
     with torch.no_grad():
         ref = [F.log_softmax(model(input_ids=w[None]).logits[0, :-1].float(), -1) for w in wins]
     cw = calib_windows(tokenize(tok, read_text("wikitext2", "calib")), 128, 512, 0)
+    ranges = token_ranges(model, tok, cw)
     stats = calibrate(model, cw, keep_rows=256, seed=0, progress=False)
     mf = copy.deepcopy(model)
     mst = compress(mf, tok, a.recipe, None, stats, progress=False).stats  # mitigated, float
@@ -134,7 +165,31 @@ def main() -> None:
             mod.act = "token"
     row("static, down_proj input rotated online and per-token", mr)
 
-    rec = {"model": a.model, "recipe": a.recipe, "windows": a.windows,
+    if a.rotate_down:  # the library's step: recalibrated static ranges, scaled by hand / searched
+        rd = copy.deepcopy(model)
+        compress(rd, tok, a.recipe + "+rotate_down", W8A8(act="tensor"), cw, progress=False)
+        downs = [mod for n, mod in int8s(rd) if "down_proj" in n]
+        at_max = [d.input_scale.clone() for d in downs]
+        for r in (1.0, 0.7, 0.5, 0.35, 0.25):
+            for d, s in zip(downs, at_max):
+                d.input_scale.copy_(s * r)
+            row(f"static, rotate_down, down_proj range x{r}", rd)
+        for d, s in zip(downs, at_max):
+            d.input_scale.copy_(s)
+            d.act = "token"
+        row("static, rotate_down, down_proj per-token", rd)
+        rc = copy.deepcopy(model)
+        res = compress(rc, tok, a.recipe + "+rotate_down", W8A8(act="tensor", act_clip=True), cw, progress=False)
+        clips = list(res.record["act_clip"].values())
+        row(f"static, rotate_down + act_clip (ratios {min(clips):.2f}-{max(clips):.2f})", rc)
+        for group in ("q_proj|k_proj|v_proj", "o_proj", "gate_proj|up_proj"):  # where the rest is
+            m = copy.deepcopy(rc)
+            for n, mod in int8s(m):
+                if any(g in n for g in group.split("|")):
+                    mod.act = "token"
+            row(f"static, rotate_down + act_clip, {group} per-token", m)
+
+    rec = {"model": a.model, "recipe": a.recipe, "windows": a.windows, "down_proj_ranges": ranges,
            "protocol": "KL of the variant's next-token distribution from FP32's (nats, mean over "
                        "tokens) and top-1 agreement, first windows of WikiText-2 test (2048 tokens); "
                        "calibration 128 x 512 WikiText-2 valid, seed 0; weights round-to-nearest",
@@ -145,6 +200,13 @@ def main() -> None:
           f"{a.windows} windows. git {rec['git_sha']}.", "",
           "| variant | KL vs FP32 (nats) | top-1 agreement |", "|---|---|---|"]
     md += [f"| {r['variant'].replace('|', '/')} | {r['kl']:.5f} | {100 * r['top1']:.2f}% |" for r in rows]
+    md += ["", "`down_proj`'s input per token on the calibration windows (float model, before the recipe): the "
+           "largest |x| of any token (the static range), where it sits, and the median token's; the "
+           "per-token RMS, largest over median (what a rotation within the token leaves).", "",
+           "| layer | max \\|x\\| | at position | token | median token's max \\|x\\| | max / median RMS |",
+           "|---|---|---|---|---|---|"]
+    md += [f"| {r['layer']} | {r['max']:.1f} | {r['position']} | {r['token']!r} | {r['median_token_max']:.2f} | "
+           f"{r['rms_max_over_median']:.1f} |" for r in ranges]
     write_text(Path(a.out) / f"static_diagnosis_{name}.md", "\n".join(md) + "\n")
 
 

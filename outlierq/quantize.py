@@ -56,7 +56,8 @@ class W8A8:
     # clip ratio of its max that gives the least int8 squared error over every calibration value
     # (`act_clip_search`), not at the max. After the rotation no single channel carries the
     # range, so a clip cuts a few large-norm tokens a little and refines everyone else's step
-    # (Gemma-3: KL 0.070 -> 0.031 at a hand-picked x0.35). Unrotated inputs keep their max:
+    # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +2.11%; a hand-picked
+    # x0.35 does better still on Gemma's diagnosis windows). Unrotated inputs keep their max:
     # there a clip cuts the massive channels (results/static_diagnosis_smollm2-135m.md: x0.5 on
     # down_proj takes KL from 0.034 to 0.187).
     act_clip: bool = False
@@ -387,6 +388,12 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
     targets = [(n, model.get_submodule(n)) for n in names
                if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
+    if isinstance(config, W8A8) and config.act_clip:  # checked before any Linear is replaced
+        missing = [n for n, lin in targets if getattr(lin, "input_rotation", None) is not None
+                   and config.act_for(n) == "tensor" and n not in stats.value_hists]
+        if missing:
+            raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histogram of "
+                                f"{missing[0]}'s rotated input; recalibrate the mitigated model")
     act_clips: dict[str, float] = {}
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
@@ -394,7 +401,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         else:
             act = config.act_for(name)
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
-            if act == "tensor" and config.act_clip and name in stats.value_hists:
+            if act == "tensor" and config.act_clip and getattr(lin, "input_rotation", None) is not None:
                 ratio = act_clip_search(stats.value_hists[name], scale * 127.0)
                 scale *= ratio
                 act_clips[name] = ratio

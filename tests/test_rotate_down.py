@@ -259,6 +259,13 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
         if isinstance(mod, Int8Linear) and "down_proj" not in n:
             assert torch.equal(mod.input_scale, mb[n].input_scale)
     assert "act_clip" not in plain.record
+    stale = copy.deepcopy(clipped.stats)
+    stale.value_hists.clear()  # e.g. statistics saved before histograms were kept
+    f2 = copy.deepcopy(model)
+    compress(f2, None, recipe, None, windows, progress=False)
+    with pytest.raises(OutlierqError, match="no value histogram"):
+        quantize_(f2, W8A8(act="tensor", act_clip=True), stale, progress=False)
+    assert not any(isinstance(m, Int8Linear) for m in f2.modules())  # refused before any change
 
 
 def test_value_histograms_persist_and_merge(tmp_path):

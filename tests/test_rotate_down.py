@@ -203,7 +203,7 @@ def test_value_histogram_and_act_clip_search_against_brute_force():
     from outlierq.quantize import ACT_CLIP_GRID, act_clip_search
 
     g = torch.Generator().manual_seed(0)
-    # rotated-like values: Gaussian tokens whose norms spread over 30x, a few large ones
+    # rotated-like values: Gaussian tokens with log-normal norms, a few of them far larger
     x = torch.randn(4000, 64, generator=g) * torch.exp(1.5 * torch.randn(4000, 1, generator=g))
     hist = value_histogram(x)
     assert int(hist.sum()) == x.numel()

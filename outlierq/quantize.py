@@ -388,12 +388,14 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
     targets = [(n, model.get_submodule(n)) for n in names
                if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
-    if isinstance(config, W8A8) and config.act_clip:  # checked before any Linear is replaced
-        missing = [n for n, lin in targets if getattr(lin, "input_rotation", None) is not None
-                   and config.act_for(n) == "tensor" and n not in stats.value_hists]
-        if missing:
-            raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histogram of "
-                                f"{missing[0]}'s rotated input; recalibrate the mitigated model")
+    # act_clip: the static Linears whose input is rotated online; histograms checked before any
+    # Linear is replaced
+    clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
+               and getattr(lin, "input_rotation", None) is not None and config.act_for(n) == "tensor"}
+    missing = sorted(clipped - stats.value_hists.keys()) if clipped else []
+    if missing:
+        raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histogram of "
+                            f"{missing[0]}'s rotated input; recalibrate the mitigated model")
     act_clips: dict[str, float] = {}
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
@@ -401,7 +403,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         else:
             act = config.act_for(name)
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
-            if act == "tensor" and config.act_clip and getattr(lin, "input_rotation", None) is not None:
+            if name in clipped:
                 ratio = act_clip_search(stats.value_hists[name], scale * 127.0)
                 scale *= ratio
                 act_clips[name] = ratio

@@ -107,15 +107,19 @@ def main() -> None:
     def int8s(m):
         return [(n, mod) for n, mod in m.named_modules() if isinstance(mod, Int8Linear)]
 
+    def per_token(m, group: str):
+        """A copy of static model m with the Linears of `group` ("a|b") per-token."""
+        m = copy.deepcopy(m)
+        for n, mod in int8s(m):
+            if any(g in n for g in group.split("|")):
+                mod.act = "token"
+        return m
+
     static = quantize_(copy.deepcopy(mf), W8A8(act="tensor"), mst, progress=False)
     row("static everywhere", static)
     row("per-token everywhere", quantize_(copy.deepcopy(mf), W8A8(act="token"), mst, progress=False))
     for group in ("q_proj|k_proj|v_proj", "o_proj", "gate_proj|up_proj", "down_proj"):
-        m = copy.deepcopy(static)
-        for n, mod in int8s(m):
-            if any(g in n for g in group.split("|")):
-                mod.act = "token"
-        row(f"static, {group} per-token", m)
+        row(f"static, {group} per-token", per_token(static, group))
 
     m = copy.deepcopy(static)  # position 0 quantized per token, the rest with the static scale
     for _, mod in int8s(m):
@@ -176,18 +180,13 @@ def main() -> None:
             row(f"static, rotate_down, down_proj range x{r}", rd)
         for d, s in zip(downs, at_max):
             d.input_scale.copy_(s)
-            d.act = "token"
-        row("static, rotate_down, down_proj per-token", rd)
+        row("static, rotate_down, down_proj per-token", per_token(rd, "down_proj"))
         rc = copy.deepcopy(model)
         res = compress(rc, tok, a.recipe + "+rotate_down", W8A8(act="tensor", act_clip=True), cw, progress=False)
         clips = list(res.record["act_clip"].values())
         row(f"static, rotate_down + act_clip (ratios {min(clips):.2f}-{max(clips):.2f})", rc)
         for group in ("q_proj|k_proj|v_proj", "o_proj", "gate_proj|up_proj"):  # where the rest is
-            m = copy.deepcopy(rc)
-            for n, mod in int8s(m):
-                if any(g in n for g in group.split("|")):
-                    mod.act = "token"
-            row(f"static, rotate_down + act_clip, {group} per-token", m)
+            row(f"static, rotate_down + act_clip, {group} per-token", per_token(rc, group))
 
     rec = {"model": a.model, "recipe": a.recipe, "windows": a.windows, "down_proj_ranges": ranges,
            "protocol": "KL of the variant's next-token distribution from FP32's (nats, mean over "

@@ -32,7 +32,7 @@ DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
 TOP_K = 16
 # per-token absmax histogram: bins on a log2 scale from 2^-10 to 2^16, half an octave wide
 HIST_EDGES = torch.tensor([2.0 ** (e / 2) for e in range(-20, 33)])
-# histogram of every |x| of an online-rotated Linear input (rotate_down), for the static-range
+# histograms of every |x| of an online-rotated Linear input (rotate_down), for the static-range
 # search (`quantize.act_clip_search`): bins a sixteenth of an octave wide from 2^-24 to 2^24;
 # bin 0 also holds smaller values (and zeros), the last bin larger ones
 VALUE_BINS_PER_OCTAVE, VALUE_LOG2_MIN, VALUE_LOG2_MAX = 16, -24, 24
@@ -40,10 +40,16 @@ VALUE_BINS = (VALUE_LOG2_MAX - VALUE_LOG2_MIN) * VALUE_BINS_PER_OCTAVE
 
 
 def value_histogram(x: torch.Tensor) -> torch.Tensor:
-    """i64 [VALUE_BINS] counts of |x| per log2 bin (see VALUE_BINS_PER_OCTAVE)."""
-    idx = (x.detach().float().abs().clamp(min=2.0 ** VALUE_LOG2_MIN).log2_() - VALUE_LOG2_MIN)
-    idx = idx.mul_(VALUE_BINS_PER_OCTAVE).floor_().clamp_(0, VALUE_BINS - 1).long()
-    return torch.bincount(idx.reshape(-1), minlength=VALUE_BINS).cpu()
+    """f64 [2, VALUE_BINS] over the rows (tokens) of x: row 0 counts |x| per log2 bin (see
+    VALUE_BINS_PER_OCTAVE); row 1 weighs each value by 1 / (its token's mean square), so that
+    every token carries the same total weight whatever its norm (act_clip's "token" objective)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    idx = (x.abs().clamp(min=2.0 ** VALUE_LOG2_MIN).log2_() - VALUE_LOG2_MIN)
+    idx = idx.mul_(VALUE_BINS_PER_OCTAVE).floor_().clamp_(0, VALUE_BINS - 1).long().reshape(-1)
+    w = x.pow(2).mean(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).reciprocal_()
+    return torch.stack([torch.bincount(idx, minlength=VALUE_BINS).double(),
+                        torch.bincount(idx, weights=w.expand_as(x).reshape(-1).double(),
+                                       minlength=VALUE_BINS)]).cpu()
 
 
 def value_bin_centres() -> torch.Tensor:
@@ -294,7 +300,7 @@ class _Recorder:
             if name in mods:
                 self.handles.append(mods[name].register_forward_hook(self._linear_hook(name)))
                 if getattr(mods[name], "input_rotation", None) is not None:
-                    self.value_hists[name] = torch.zeros(VALUE_BINS, dtype=torch.int64)
+                    self.value_hists[name] = torch.zeros(2, VALUE_BINS, dtype=torch.float64)
         for i, layer in enumerate(decoder_layers(model, spec)):
             name = f"{spec.layers}.{i}"
             self.residual[name] = TensorStats.empty(text_config(model).hidden_size, len(thresholds))

@@ -20,7 +20,8 @@ from .errors import OutlierqError
 from .mitigate.recipe import CHOSEN, mitigate, parse_recipe, recipe_to_list
 from .mitigate.registry import lookup
 from .models.prepare import prepare
-from .quantize import LLMInt8, W8A8, quantize_
+from .models.arch import get_arch
+from .quantize import LLMInt8, W8A8, act_clip_objective, quantize_
 
 # "auto": the best recipe measured for the model's family and the activation mode (16 windows of
 # results/ppl_<model>.md; see DEFAULTS). Families with no built-in model measured get the
@@ -87,7 +88,6 @@ def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Modu
     if recipe == "auto":
         if model is None:
             return []
-        from .models.arch import get_arch
         recipe = default_recipe(get_arch(model), act, layer_by_layer)
     if isinstance(recipe, str):
         return parse_recipe(recipe.format(act=act))
@@ -164,6 +164,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
     if getattr(model, "outlierq_act_clip", None):
         record["act_clip"] = model.outlierq_act_clip
+        record["act_clip_objective"] = act_clip_objective(scheme, get_arch(model))
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 

@@ -61,10 +61,19 @@ class W8A8:
     # there a clip cuts the massive channels (results/static_diagnosis_smollm2-135m.md: x0.5 on
     # down_proj takes KL from 0.034 to 0.187).
     act_clip: bool = False
+    # what act_clip's search weighs: "value" every value alike (the plain MSE, where the few
+    # large-norm tokens decide the range), "token" every token alike (each value's squared error
+    # over its token's mean square). "auto": "token" where the family normalises each sublayer's
+    # output per token (`ArchSpec.output_norms`: there a token's error counts relative to its own
+    # norm), else "value". Measured: the "+ act clip" rows ("value") against the "+ act clip
+    # per token" rows of results/ppl_*.md.
+    act_clip_objective: Literal["auto", "token", "value"] = "auto"
 
     def __post_init__(self):
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
+        if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
+            raise OutlierqError(f"act_clip_objective must be auto, token or value, got {self.act_clip_objective!r}")
 
     def act_for(self, name: str) -> str | None:
         """The activation mode of Linear `name`, or None when it stays float."""
@@ -145,13 +154,14 @@ def clip_search(w: torch.Tensor, rows: torch.Tensor, grid: tuple[float, ...] = C
     return best
 
 
+ACT_CLIP_OBJECTIVES = ("value", "token")  # the rows of a `calibration.value_histogram`
 ACT_CLIP_GRID = tuple(round(1.0 - 0.01 * i, 2) for i in range(91))  # 1.00, 0.99, ..., 0.10
 
 
 def act_clip_search(hist: torch.Tensor, amax: float, grid: tuple[float, ...] = ACT_CLIP_GRID) -> float:
     """The ratio r of `grid` whose static int8 step s = r * amax / 127 gives the least expected
-    squared error over the values in `hist` (a `calibration.value_histogram`, each bin at its
-    centre): values above 127 s saturate, values below s/2 round to zero, the rest carry the
+    squared error over the (weighted) values in `hist` (one row of a `calibration.value_histogram`,
+    each bin at its centre): values above 127 s saturate, values below s/2 round to zero, the rest carry the
     uniform rounding error s^2/12. The MSE calibration of TensorRT and AMD Quark, on a histogram
     of every value rather than a sample."""
     v, n = value_bin_centres(), hist.double()
@@ -159,6 +169,13 @@ def act_clip_search(hist: torch.Tensor, amax: float, grid: tuple[float, ...] = A
     s = r * amax / 127.0
     err = torch.where(v > 127 * s, (v - 127 * s) ** 2, torch.where(v < s / 2, v * v, s * s / 12))
     return grid[int((err * n).sum(1).argmin())]
+
+
+def act_clip_objective(config: W8A8, spec: ArchSpec) -> str:
+    """The objective W8A8.act_clip_objective stands for on a family ("auto" resolved)."""
+    if config.act_clip_objective != "auto":
+        return config.act_clip_objective
+    return "token" if spec.output_norms else "value"
 
 
 class Int8Linear(nn.Module):
@@ -392,11 +409,13 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     # Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
                and getattr(lin, "input_rotation", None) is not None and config.act_for(n) == "tensor"}
-    missing = sorted(clipped - stats.value_hists.keys()) if clipped else []
+    missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)
     if missing:
-        raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histogram of "
+        raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "
                             f"{missing[0]}'s rotated input; recalibrate the mitigated model")
     act_clips: dict[str, float] = {}
+    if clipped:
+        row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
@@ -404,7 +423,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
             act = config.act_for(name)
             scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
             if name in clipped:
-                ratio = act_clip_search(stats.value_hists[name], scale * 127.0)
+                ratio = act_clip_search(stats.value_hists[name][row], scale * 127.0)
                 scale *= ratio
                 act_clips[name] = ratio
             clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None

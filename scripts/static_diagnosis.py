@@ -2,8 +2,9 @@
 windows for variants of the static model (which Linears keep per-token activations, position 0
 quantized dynamically, down_proj's static range clipped, down_proj's input rotated online), and
 with --rotate-down the library's rotate_down with its static range scaled by hand and by
-`act_clip`'s search. Also a table of down_proj's input range per token on the calibration windows
-(float model): which token sets the static range, and how far ordinary tokens sit below it.
+`act_clip`'s search (both objectives). Also a table of down_proj's input range per token on the
+calibration windows (float model): which token sets the static range, and how far ordinary tokens
+sit below it.
 
     python scripts/static_diagnosis.py --model smollm2-135m --windows 3
     python scripts/static_diagnosis.py --model gemma3-270m --recipe smoothquant:alpha=0.8 --windows 2 --rotate-down
@@ -181,10 +182,12 @@ def main() -> None:
         for d, s in zip(downs, at_max):
             d.input_scale.copy_(s)
         row("static, rotate_down, down_proj per-token", per_token(rd, "down_proj"))
-        rc = copy.deepcopy(model)
-        res = compress(rc, tok, a.recipe + "+rotate_down", W8A8(act="tensor", act_clip=True), cw, progress=False)
-        clips = list(res.record["act_clip"].values())
-        row(f"static, rotate_down + act_clip (ratios {min(clips):.2f}-{max(clips):.2f})", rc)
+        for objective in ("value", "token"):
+            rc = copy.deepcopy(model)
+            res = compress(rc, tok, a.recipe + "+rotate_down",
+                           W8A8(act="tensor", act_clip=True, act_clip_objective=objective), cw, progress=False)
+            clips = list(res.record["act_clip"].values())
+            row(f"static, rotate_down + act_clip {objective} (ratios {min(clips):.2f}-{max(clips):.2f})", rc)
         for group in ("q_proj|k_proj|v_proj", "o_proj", "gate_proj|up_proj"):  # where the rest is
             row(f"static, rotate_down + act_clip, {group} per-token", per_token(rc, group))
 

@@ -2,6 +2,7 @@
 every family, static scales taken from the rotated inputs by a second calibration, refused where it
 cannot be honoured (statistics passed in, layer by layer, export, LLM.int8, not last)."""
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -206,22 +207,33 @@ def test_value_histogram_and_act_clip_search_against_brute_force():
     # rotated-like values: Gaussian tokens with log-normal norms, a few of them far larger
     x = torch.randn(4000, 64, generator=g) * torch.exp(1.5 * torch.randn(4000, 1, generator=g))
     hist = value_histogram(x)
-    assert int(hist.sum()) == x.numel()
+    assert hist.shape == (2, value_bin_centres().numel()) and int(hist[0].sum()) == x.numel()
     centres = value_bin_centres()
     k = torch.bucketize(x.abs().flatten().double(), centres * 2 ** (-0.5 / VALUE_BINS_PER_OCTAVE), right=True) - 1
     # the bins' lower edges, in float64: float32's log2 puts a few values in 1e5 across an edge
-    assert (torch.bincount(k, minlength=hist.numel()) - hist).abs().sum() <= 1e-4 * x.numel()
-
-    def mse(r):  # brute force: quantize every value on the step and measure
-        s = r * x.abs().max() / 127
-        return ((x / s).round().clamp(-127, 127) * s - x).pow(2).mean().item()
+    assert (torch.bincount(k, minlength=hist.shape[1]) - hist[0]).abs().sum() <= 1e-4 * x.numel()
+    # row 1: each value weighted by 1 / its token's mean square, so every token weighs 1 in all
+    ms = x.double().pow(2).mean(1, keepdim=True)
+    weighted = torch.bincount(k, weights=(1 / ms).expand_as(x).flatten(), minlength=hist.shape[1])
+    # (every token's weighted squares sum to its width: 64 x 4000 tokens, up to the bins' widths)
+    assert abs((centres ** 2 * hist[1]).sum().item() / (64 * 4000) - 1) < 0.01
+    assert (weighted - hist[1]).abs().sum() <= 1e-3 * hist[1].sum()
 
     amax = x.abs().max().item()
-    chosen, best = act_clip_search(hist, amax), min(ACT_CLIP_GRID, key=mse)
-    assert chosen < 0.8  # the max is a rare token here: clipping pays
-    assert mse(chosen) < 1.03 * mse(best) and mse(chosen) < 0.8 * mse(1.0)
+
+    def err(r, per_token):  # brute force: quantize every value on the step and measure
+        s = r * amax / 127
+        e = ((x / s).round().clamp(-127, 127) * s - x).double().pow(2)
+        return (e / ms if per_token else e).mean().item()
+
+    for row, per_token in ((0, False), (1, True)):
+        chosen, best = act_clip_search(hist[row], amax), min(ACT_CLIP_GRID, key=lambda r: err(r, per_token))
+        assert chosen < 0.8  # the max is a rare token here: clipping pays
+        assert err(chosen, per_token) < 1.03 * err(best, per_token) < 0.8 * err(1.0, per_token)
+    # weighing every token alike clips harder: the large-norm tokens that set the max count less
+    assert act_clip_search(hist[1], amax) < act_clip_search(hist[0], amax)
     # a flat distribution up to its max: nothing to gain from clipping
-    assert act_clip_search(value_histogram(torch.rand(10000, generator=g) * 5), 5.0) >= 0.97
+    assert act_clip_search(value_histogram(torch.rand(10000, 1, generator=g) * 5)[0], 5.0) >= 0.97
 
 
 def test_act_clip_sets_the_rotated_static_ranges_only():
@@ -230,12 +242,15 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
     recipe = "smoothquant:alpha=0.5+rotate_down"
     with pytest.raises(OutlierqError, match="act='tensor'"):
         W8A8(act="token", act_clip=True)
+    with pytest.raises(OutlierqError, match="auto, token or value"):
+        W8A8(act="tensor", act_clip=True, act_clip_objective="mse")
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     plain = compress(a, None, recipe, W8A8(act="tensor"), windows, progress=False)
     clipped = compress(b, None, recipe, W8A8(act="tensor", act_clip=True), windows, progress=False)
     from outlierq.calibration import value_histogram
     from outlierq.quantize import act_clip_search
 
+    assert clipped.record["act_clip_objective"] == "value"  # "auto" on Llama: no output norms
     # the histogram is of every rotated value the down_proj saw (hooked on the float model)
     f = copy.deepcopy(model)
     compress(f, None, recipe, None, windows, progress=False)
@@ -251,7 +266,7 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
     for i in seen:
         name = f"model.layers.{i}.mlp.down_proj"
         assert torch.equal(clipped.stats.value_hists[name], seen[i])
-        ratio = act_clip_search(seen[i], (ma[name].input_scale * 127).item())
+        ratio = act_clip_search(seen[i][0], (ma[name].input_scale * 127).item())
         assert clipped.record["act_clip"][name] == ratio
         torch.testing.assert_close(mb[name].input_scale, ma[name].input_scale * ratio, rtol=1e-6, atol=0)
     assert set(clipped.record["act_clip"]) == {f"model.layers.{i}.mlp.down_proj" for i in seen}
@@ -259,13 +274,34 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
         if isinstance(mod, Int8Linear) and "down_proj" not in n:
             assert torch.equal(mod.input_scale, mb[n].input_scale)
     assert "act_clip" not in plain.record
-    stale = copy.deepcopy(clipped.stats)
-    stale.value_hists.clear()  # e.g. statistics saved before histograms were kept
     f2 = copy.deepcopy(model)
     compress(f2, None, recipe, None, windows, progress=False)
-    with pytest.raises(OutlierqError, match="no value histogram"):
-        quantize_(f2, W8A8(act="tensor", act_clip=True), stale, progress=False)
+    old = copy.deepcopy(clipped.stats)  # statistics from before the weighted row was kept
+    old.value_hists = {k: v[0].long() for k, v in old.value_hists.items()}
+    for stale in (old, dataclasses.replace(clipped.stats, value_hists={})):  # or any histogram
+        with pytest.raises(OutlierqError, match="no value histograms"):
+            quantize_(f2, W8A8(act="tensor", act_clip=True), stale, progress=False)
     assert not any(isinstance(m, Int8Linear) for m in f2.modules())  # refused before any change
+
+
+@pytest.mark.parametrize("arch,objective,auto", [("LlamaForCausalLM", "token", "value"),
+                                                  ("Gemma3ForCausalLM", "value", "token")])
+def test_act_clip_objective_picks_the_histogram_row(arch, objective, auto):
+    """"auto" weighs every token alike where the family normalises sublayer outputs per token
+    (Gemma), every value alike elsewhere; an explicit objective overrides it."""
+    from outlierq.quantize import act_clip_search
+
+    model = tiny_model(arch, outliers=True)
+    windows = token_batch(8, 24, seed=3)
+    for chosen, expected in (("auto", auto), (objective, objective)):
+        m = copy.deepcopy(model)
+        res = compress(m, None, "rotate_down", W8A8(act="tensor", act_clip=True, act_clip_objective=chosen),
+                       windows, progress=False)
+        assert res.record["act_clip_objective"] == expected
+        amax = {n: res.stats.input_absmax(n).max().item() for n in res.record["act_clip"]}
+        row = 1 if expected == "token" else 0
+        assert res.record["act_clip"] == {n: act_clip_search(res.stats.value_hists[n][row], a)
+                                          for n, a in amax.items()}
 
 
 def test_value_histograms_persist_and_merge(tmp_path):
@@ -282,4 +318,5 @@ def test_value_histograms_persist_and_merge(tmp_path):
     assert all(torch.equal(back.value_hists[k], v) for k, v in st.value_hists.items())
     halves = [calibrate(model, w, progress=False) for w in (windows[:4], windows[4:])]
     merged = halves[0].merge(halves[1])
-    assert all(torch.equal(merged.value_hists[k], v) for k, v in st.value_hists.items())
+    for k, v in st.value_hists.items():  # (the weighted row sums in another order)
+        torch.testing.assert_close(merged.value_hists[k], v, rtol=1e-12, atol=0)

@@ -85,6 +85,9 @@ class ArchSpec:
     # the residual stream is read by RMSNorms only (the groups' norms and the final norm) and
     # written by `writers` only, so it can be rotated offline (mitigate/rotate.py)
     rotatable: bool = False
+    # each sublayer's output is normalised per token before it joins the residual stream
+    # (Gemma-2/3's and OLMo-2's post norms): an error in a Linear counts relative to its token's norm
+    output_norms: bool = False
 
     @property
     def router(self) -> str | None:
@@ -171,7 +174,8 @@ def _llama(cfg, family: str, norm_kind: NormKind = "rms", mlp_norm: str = "post_
 def _gemma(cfg, family: str) -> ArchSpec:
     # RMSNorm computes x * (1 + weight); the MLP reads pre_feedforward_layernorm, while
     # post_attention_layernorm / post_feedforward_layernorm normalise the sublayer *outputs*.
-    return _llama(cfg, family, "rms_offset", mlp_norm="pre_feedforward_layernorm")
+    return dataclasses.replace(_llama(cfg, family, "rms_offset", mlp_norm="pre_feedforward_layernorm"),
+                               output_norms=True)
 
 
 def _stablelm(cfg) -> ArchSpec:
@@ -183,7 +187,8 @@ def _stablelm(cfg) -> ArchSpec:
 def _olmo2(cfg) -> ArchSpec:
     return ArchSpec(family="olmo2", layers="model.layers", embed="model.embed_tokens",
                     final_norm="model.norm", norm_kind="rms", groups=(), pairs=(_VO, _UP_DOWN),
-                    writers=_LLAMA_WRITERS, act=cfg.hidden_act, mlp=_GATED_MLP, notes=(_POST_NORM,))
+                    writers=_LLAMA_WRITERS, act=cfg.hidden_act, mlp=_GATED_MLP, notes=(_POST_NORM,),
+                    output_norms=True)
 
 
 def _phi3(cfg) -> ArchSpec:

@@ -80,23 +80,16 @@ ROWS = [
     ("SmoothQuant a=0.8, down_proj per-token + GPTQ", "smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",), gptq=True)),
     # static only: down_proj's rotated range set by act_clip's search, over every calibration
-    # value alike ("value", the plain MSE) or every token alike ("token", the default)
-    ("SmoothQuant a=0.8 + rotate_down + GPTQ + act clip", "smoothquant:alpha=0.8+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="value")),
-    ("OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip",
-     "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="value")),
-    ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip",
-     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="value")),
-    ("SmoothQuant a=0.8 + rotate_down + GPTQ + act clip per token", "smoothquant:alpha=0.8+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="token")),
-    ("OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip per token",
-     "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="token")),
-    ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip per token",
-     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
-     W8A8(act="tensor", gptq=True, act_clip=True, act_clip_objective="token")),
+    # value alike ("value", labels "+ act clip") or every token alike ("token", "+ act clip per token")
+    *[(f"{label} + act clip{suffix}", recipe, W8A8(act="tensor", gptq=True, act_clip=True,
+                                                   act_clip_objective=objective))
+      for objective, suffix in (("value", ""), ("token", " per token"))
+      for label, recipe in (
+          ("SmoothQuant a=0.8 + rotate_down + GPTQ", "smoothquant:alpha=0.8+rotate_down"),
+          ("OCS split + SmoothQuant searched + rotate_down + GPTQ",
+           "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down"),
+          ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ",
+           "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down"))],
 ]
 
 

@@ -32,7 +32,7 @@ DEFAULT_THRESHOLDS = (6.0, 20.0, 100.0)  # 6.0 is LLM.int8's outlier threshold
 TOP_K = 16
 # per-token absmax histogram: bins on a log2 scale from 2^-10 to 2^16, half an octave wide
 HIST_EDGES = torch.tensor([2.0 ** (e / 2) for e in range(-20, 33)])
-# histograms of every |x| of an online-rotated Linear input (rotate_down), for the static-range
+# histograms of every |x| of a rotated Linear input (`rotated_input`), for the static-range
 # search (`quantize.act_clip_search`): bins a sixteenth of an octave wide from 2^-24 to 2^24;
 # bin 0 also holds smaller values (and zeros), the last bin larger ones
 VALUE_BINS_PER_OCTAVE, VALUE_LOG2_MIN, VALUE_LOG2_MAX = 16, -24, 24
@@ -50,6 +50,13 @@ def value_histogram(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.bincount(idx, minlength=VALUE_BINS).double(),
                         torch.bincount(idx, weights=w.expand_as(x).reshape(-1).double(),
                                        minlength=VALUE_BINS)]).cpu()
+
+
+def rotated_input(mod: nn.Module) -> bool:
+    """Whether a Linear's input is rotated, online (rotate_down) or through the weights before it
+    (rotate_heads): no single channel carries its range, so calibration keeps the histograms of
+    its values and act_clip may clip it."""
+    return getattr(mod, "input_rotation", None) is not None or getattr(mod, "outlierq_rotated_input", False)
 
 
 def value_bin_centres() -> torch.Tensor:
@@ -299,7 +306,7 @@ class _Recorder:
             self.inputs[name] = TensorStats.empty(n, len(thresholds))
             if name in mods:
                 self.handles.append(mods[name].register_forward_hook(self._linear_hook(name)))
-                if getattr(mods[name], "input_rotation", None) is not None:
+                if rotated_input(mods[name]):
                     self.value_hists[name] = torch.zeros(2, VALUE_BINS, dtype=torch.float64)
         for i, layer in enumerate(decoder_layers(model, spec)):
             name = f"{spec.layers}.{i}"
@@ -354,6 +361,7 @@ class _Recorder:
             x = args[0]
             if getattr(mod, "input_rotation", None) is not None:  # rotate_down: what gets quantized
                 x = mod.input_rotation(x)
+            if name in self.value_hists:
                 self.value_hists[name] += value_histogram(x)
             first = self._record(self.inputs, name, x)
             if self.hessian:  # Linears only: MoE experts stay round-to-nearest

@@ -153,8 +153,9 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         t1 = time.perf_counter()
         mitigated = refresh(mitigated, run_calibration(mitigated.meta["recalibrate"]))
         calib_s += time.perf_counter() - t1
-    if first:  # (the rotation ran before calibration: record it with the other choices)
-        mitigated.meta = dict(mitigated.meta, rotation=getattr(model, "outlierq_rotation", None))
+    if first:  # (the rotations ran before calibration: record them with the other choices)
+        done = {k: getattr(model, f"outlierq_{k}", None) for k in ("rotation", "head_rotation")}
+        mitigated.meta = dict(mitigated.meta, **{k: v for k, v in done.items() if v})
     if scheme is not None:
         quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats)
     configs = first + configs

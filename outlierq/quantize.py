@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibration import ActivationStats, module_name, output_head, value_bin_centres
+from .calibration import ActivationStats, module_name, output_head, rotated_input, value_bin_centres
 from .errors import OutlierqError
 from .gptq import gptq_codes
 from .mitigate.surgery import set_module
@@ -52,9 +52,9 @@ class W8A8:
     # on the scale above; needs statistics calibrated with hessians=True. MoE experts stay
     # round-to-nearest.
     gptq: bool = False
-    # with act="tensor": the static range of each input rotated online (rotate_down) is set at the
-    # clip ratio of its max that gives the least int8 squared error over every calibration value
-    # (`act_clip_search`), not at the max. After the rotation no single channel carries the
+    # with act="tensor": the static range of each rotated input (rotate_down, rotate_heads) is set
+    # at the clip ratio of its max that gives the least int8 squared error over the calibration
+    # values (`act_clip_search`), not at the max. After the rotation no single channel carries the
     # range, so a clip cuts a few large-norm tokens a little and refines everyone else's step
     # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +2.11%; a hand-picked
     # x0.35 does better still on Gemma's diagnosis windows). Unrotated inputs keep their max:
@@ -405,10 +405,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
     targets = [(n, model.get_submodule(n)) for n in names
                if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
-    # act_clip: the static Linears whose input is rotated online; histograms checked before any
-    # Linear is replaced
+    # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
+    # before any Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
-               and getattr(lin, "input_rotation", None) is not None and config.act_for(n) == "tensor"}
+               and rotated_input(lin) and config.act_for(n) == "tensor"}
     missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)
     if missing:
         raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "

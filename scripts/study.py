@@ -90,6 +90,12 @@ ROWS = [
            "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down"),
           ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ",
            "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down"))],
+    # R2 (rotate_heads, exportable): o_proj's input rotated per head through the weights, so
+    # act_clip ("auto" objective: per token on Gemma, per value elsewhere) reaches it too
+    ("Rotate heads + SmoothQuant a=0.8 + rotate_down + GPTQ + act clip auto",
+     "rotate_heads+smoothquant:alpha=0.8+rotate_down", W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("Rotate heads + SmoothQuant a=0.8, down_proj per-token + GPTQ + act clip auto", "rotate_heads+smoothquant:alpha=0.8",
+     W8A8(act="tensor", token_for=("*down_proj",), gptq=True, act_clip=True)),
 ]
 
 

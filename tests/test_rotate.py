@@ -112,3 +112,57 @@ def test_rotate_must_come_first_and_runs_in_memory(tmp_path):
     src = tiny_model_dir(tmp_path / "src", "LlamaForCausalLM")
     with pytest.raises(OutlierqError, match="not layer by layer"):
         sequential.run(src, tmp_path / "out", None, "rotate+smoothquant", W8A8(), windows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotate_heads_preserves_the_function(family):
+    from outlierq.mitigate.rotate import RotateHeads
+
+    model = tiny_model(family, outliers=True)
+    spec = get_arch(model)
+    x = token_batch(2, 24)
+    ref = model(input_ids=x).logits
+    m = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mitigate(m, None, [RotateHeads()])
+    notes = [str(w.message) for w in seen if w.category is OutlierqNotice]
+    if not any(p.kind == "attn_vo" for p in spec.pairs):
+        assert notes and "no v -> o pair" in notes[0]
+        return
+    assert not notes and m.outlierq_head_rotation.startswith("randomized Hadamard")
+    assert _rel(m(input_ids=x).logits, ref) < 1e-5
+    # o_proj's input is each head's output times Q (hooked on both models)
+    pair = next(p for p in spec.pairs if p.kind == "attn_vo")
+    seen_in = {}
+    for name, mod in (("ref", model), ("rot", m)):
+        cons = resolve(decoder_layers(mod, spec)[0], pair.consumer)
+        h = cons.register_forward_hook(lambda _m, a, _o, name=name: seen_in.__setitem__(name, a[0]))
+        mod(input_ids=x)
+        h.remove()
+    from outlierq.models.arch import _heads, text_config
+    heads, _, hd = _heads(text_config(model))
+    q = rotation(hd, Rotate())[0].float()
+    a, b = seen_in["ref"], seen_in["rot"]
+    torch.testing.assert_close(b, (a.reshape(*a.shape[:-1], heads, hd) @ q).reshape(a.shape), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_rotate_heads_exports_and_act_clip_reaches_o_proj(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("Gemma3ForCausalLM", outliers=True)
+    x = token_batch(2, 24)
+    windows = token_batch(16, 24, seed=3)
+    q = copy.deepcopy(model)
+    res = compress(q, None, "rotate_heads+smoothquant:alpha=0.5", W8A8(act="tensor", act_clip=True), windows,
+                   progress=False)
+    assert res.record["head_rotation"].startswith("randomized Hadamard")
+    # o_proj's input is rotated through the weights: act_clip sets its static range by search
+    assert set(res.record["act_clip"]) == {f"model.layers.{i}.self_attn.o_proj" for i in range(len(decoder_layers(q)))}
+    out = export(q, tmp_path / "ckpt", char_tokenizer(), recipe=res.recipe, stats=res.stats)
+    ours = load(out)[0](input_ids=x).logits
+    torch.testing.assert_close(ours, q(input_ids=x).logits, rtol=0, atol=0)
+    hf = AutoModelForCausalLM.from_pretrained(out)(input_ids=x).logits
+    assert _rel(hf, ours) < 0.05

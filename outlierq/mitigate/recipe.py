@@ -21,7 +21,8 @@ from .registry import MITIGATIONS, lookup
 
 
 # what a recipe resolved to, kept in the statistics' meta and in the export's outlierq.json
-CHOSEN = ("rotation", "down_rotation", "smoothquant_alpha", "split_intermediate_size", "split_channels", "expert_tokens")
+CHOSEN = ("rotation", "head_rotation", "down_rotation", "smoothquant_alpha", "split_intermediate_size",
+          "split_channels", "expert_tokens")
 
 
 def name_of(cfg) -> str:
@@ -164,7 +165,7 @@ def check_layer_major(recipe: list, in_memory: bool = False) -> None:
             raise OutlierqError(f"{lookup(cfg).name} needs a second calibration of the mitigated model, "
                                 "which the layer-by-layer pipeline cannot run: drop --sequential")
         if lookup(cfg).data_free:
-            raise OutlierqError(f"{lookup(cfg).name} changes the embeddings and every layer at once: it runs "
+            raise OutlierqError(f"{lookup(cfg).name} is applied to the whole model before calibrating: it runs "
                                 "in memory, not layer by layer (drop --sequential)")
         if lookup(cfg).name == "split" and k > 0:
             raise OutlierqError("layer by layer (--sequential, or a bf16/fp16 model) split must come first "

@@ -18,8 +18,14 @@ Only families whose residual stream is read by RMSNorms alone and written by pla
 Llama-like and Phi-3. Gemma's post-sublayer norms sit between o_proj/down_proj and the residual
 (rotating would need an online rotation after them), LayerNorm subtracts the mean (needs a
 centering fold), post-norm layouts and MoE are not rotated: those get a notice and are left as
-they are. Online rotations (R2-R4, before o_proj / down_proj) are not applied: compressed-tensors
-checkpoints would need their `transform_config`, which transformers does not reload here."""
+they are. The online rotation before down_proj (R4) is `rotate_down`, in memory only.
+
+`rotate_heads` is SpinQuant's "R2": the value rows of every attention head rotated by one
+orthogonal head_dim x head_dim Q and the output projection's columns by the same Q. Attention mixes
+the values of different positions, never their dimensions, so each head's output comes out
+multiplied by Q and o_proj's columns undo it. Weights only, on every layout with a v -> o pair
+(Gemma's post norms do not matter here): a standard checkpoint, and o_proj's input (the
+attention output) is spread over each head's dimensions."""
 from __future__ import annotations
 
 import math
@@ -31,9 +37,9 @@ import torch
 from torch import nn
 
 from ..errors import OutlierqError, OutlierqNotice
-from ..models.arch import decoder_layers, get_arch, resolve, text_config
+from ..models.arch import _heads, decoder_layers, get_arch, resolve, text_config
 from .registry import register
-from .surgery import _set  # (computed in float64, cast to the weight's dtype once)
+from .surgery import _f64, _set  # (computed in float64, cast to the weight's dtype once)
 
 
 @dataclass(frozen=True)
@@ -163,3 +169,59 @@ def _not_rotatable(model: nn.Module, spec) -> str | None:
 
 
 register("rotate", Rotate, apply_rotate, data_free=True)
+
+
+@dataclass(frozen=True)
+class RotateHeads:
+    seed: int = 0
+    kind: Literal["hadamard", "random"] = "hadamard"
+
+    def __post_init__(self):
+        check_options("rotate_heads", self.seed, self.kind)
+
+
+@torch.no_grad()
+def apply_rotate_heads(model: nn.Module, stats, cfg: RotateHeads, only: list[int] | None = None):
+    """Rotate every v -> o pair of `model` per head, in place (data-free, before calibration).
+
+    With v_h the values of head h (a row of head_dim): v_h -> v_h Q, i.e. producer rows
+    W_v[h] -> Q^T W_v[h] (and the bias b_h -> b_h Q); the attention output of each query head is
+    then o_h Q, and o_proj's columns W_o[:, h] -> W_o[:, h] Q. Grouped KV heads: a KV head's rows
+    rotate once, and every query head reading it carries the same Q."""
+    spec = get_arch(model)
+    pairs = [p for p in spec.pairs if p.kind == "attn_vo"]
+    if not pairs:
+        warnings.warn(f"rotate_heads: the {spec.family} layout has no v -> o pair; not rotated",
+                      OutlierqNotice, stacklevel=3)
+        return stats
+    config = text_config(model)
+    heads, _, hd = _heads(config)
+    q, what = rotation(hd, Rotate(seed=cfg.seed, kind=cfg.kind))
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        if only is not None and i not in only:
+            continue
+        for p in pairs:
+            prod, cons = resolve(layer, p.producer), resolve(layer, p.consumer)
+            rows = p.rows(config) if p.rows is not None else torch.arange(cons.in_features)
+            blocks = rows.reshape(heads, hd)
+            if rows.numel() != heads * hd or not torch.equal(blocks - blocks[:, :1], torch.arange(hd).expand_as(blocks)):
+                raise OutlierqError(f"rotate_heads: {p.consumer}'s input is not {heads} heads of "
+                                    f"{hd} contiguous value rows in the {spec.family} layout")
+            w, b = _f64(prod.weight), None if prod.bias is None else _f64(prod.bias)
+            for r in {int(r0) for r0 in blocks[:, 0]}:  # each KV head once
+                w[r:r + hd] = q.t() @ w[r:r + hd]
+                if b is not None:
+                    b[r:r + hd] = b[r:r + hd] @ q
+            _set(prod.weight, w)
+            if b is not None:
+                _set(prod.bias, b)
+            wc = cons.weight.double()
+            _set(cons.weight, (wc.reshape(-1, heads, hd) @ q).reshape(wc.shape))
+            cons.outlierq_rotated_input = True  # (act_clip: a clip no longer cuts one channel)
+    model.outlierq_head_rotation = what
+    if stats is not None:
+        stats.meta = dict(stats.meta, head_rotation=what)
+    return stats
+
+
+register("rotate_heads", RotateHeads, apply_rotate_heads, data_free=True)

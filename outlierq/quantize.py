@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .calibration import ActivationStats, module_name, output_head, rotated_input, value_bin_centres
-from .errors import OutlierqError
+from .errors import OutlierqError, OutlierqNotice
 from .gptq import gptq_codes
 from .mitigate.surgery import set_module
 from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve
@@ -409,6 +410,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     # before any Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
                and rotated_input(lin) and config.act_for(n) == "tensor"}
+    if isinstance(config, W8A8) and config.act_clip and not clipped and (only is None or 0 in only):
+        warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_heads or rotate_down "
+                      "to the recipe); every static range stays at its max", OutlierqNotice, stacklevel=2)
     missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)
     if missing:
         raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "

@@ -320,3 +320,12 @@ def test_value_histograms_persist_and_merge(tmp_path):
     merged = halves[0].merge(halves[1])
     for k, v in st.value_hists.items():  # (the weighted row sums in another order)
         torch.testing.assert_close(merged.value_hists[k], v, rtol=1e-12, atol=0)
+
+
+def test_act_clip_without_a_rotated_input_says_so():
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(8, 24, seed=3)
+    with pytest.warns(OutlierqNotice, match="no static Linear reads a rotated input"):
+        res = compress(model, None, "smoothquant:alpha=0.5", W8A8(act="tensor", act_clip=True), windows,
+                       progress=False)
+    assert "act_clip" not in res.record

@@ -96,6 +96,9 @@ ROWS = [
      "rotate_heads+smoothquant:alpha=0.8+rotate_down", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("Rotate heads + SmoothQuant a=0.8, down_proj per-token + GPTQ + act clip auto", "rotate_heads+smoothquant:alpha=0.8",
      W8A8(act="tensor", token_for=("*down_proj",), gptq=True, act_clip=True)),
+    ("Rotate + rotate heads + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip auto",
+     "rotate+rotate_heads+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
 ]
 
 

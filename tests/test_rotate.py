@@ -148,6 +148,17 @@ def test_rotate_heads_preserves_the_function(family):
     assert not torch.allclose(a, b, atol=1e-3)
 
 
+def test_rotate_heads_composes_with_rotate():
+    from outlierq.mitigate.rotate import RotateHeads
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    x = token_batch(2, 24)
+    m = copy.deepcopy(model)
+    mitigate(m, None, [Rotate(), RotateHeads()])
+    assert m.outlierq_rotation and m.outlierq_head_rotation
+    assert _rel(m(input_ids=x).logits, model(input_ids=x).logits) < 1e-4  # (rotate's fp32 bound above)
+
+
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
 def test_rotate_heads_exports_and_act_clip_reaches_o_proj(tmp_path):
     from transformers import AutoModelForCausalLM

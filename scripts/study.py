@@ -99,6 +99,10 @@ ROWS = [
     ("Rotate + rotate heads + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip auto",
      "rotate+rotate_heads+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True)),
+    # every norm-group and pair input rotated online (in memory), so act_clip sets every static range
+    ("OCS split + SmoothQuant searched + rotate_down all inputs + GPTQ + act clip auto",
+     "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:inputs=all",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
 ]
 
 

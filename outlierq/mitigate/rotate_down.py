@@ -49,9 +49,16 @@ class RotateDown:
     # hadamard: randomized Hadamard factors, the input zero-padded to a width that has them
     # (`plan`); random: random orthogonal factors of the width as it is (measured against it)
     kind: Literal["hadamard", "random"] = "hadamard"
+    # down: the MLP output projection's input (R4); all: every Linear a norm group or a pair
+    # feeds (q/k/v, o_proj, gate/up, down_proj), each with its own online rotation. "all" serves
+    # families that `rotate` cannot rotate offline (Gemma's post norms): static ranges of the
+    # attention and MLP inputs are then clipped by act_clip too (measured in the study).
+    inputs: Literal["down", "all"] = "down"
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
+        if self.inputs not in ("down", "all"):
+            raise OutlierqError(f"rotate_down inputs must be down or all, got {self.inputs!r}")
 
 
 class InputRotation(nn.Module):
@@ -142,6 +149,9 @@ def kron_rotation(n: int, seed: int, out_features: int = 0,
 def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] | None = None):
     spec = get_arch(model)
     consumers = [p.consumer for p in spec.pairs if p.kind == "mlp"]
+    if cfg.inputs == "all":
+        consumers = list(dict.fromkeys([n for g in spec.groups for n in g.linears] +
+                                       [p.consumer for p in spec.pairs]))
     if not consumers:
         warnings.warn(f"rotate_down: the {spec.family} layout has no dense MLP output projection; "
                       "not rotated", OutlierqNotice, stacklevel=3)

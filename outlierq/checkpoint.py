@@ -296,8 +296,6 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         info["stats_summary"] = summarize(stats)
         # what the recipe resolved to: the alpha chosen per smoothing group, split sizes
         info["chosen"] = {k: stats.meta[k] for k in CHOSEN if k in stats.meta}
-        if getattr(model, "outlierq_act_clip", None):  # static ranges set below their max
-            info["chosen"]["act_clip"] = model.outlierq_act_clip
         # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
         info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
     (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))

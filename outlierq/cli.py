@@ -112,9 +112,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="round the int8 weights with GPTQ's error feedback through the "
                             "calibration Hessians (calibration then takes ~1.7x as long). Default: on "
                             "in memory, off layer by layer (--sequential) and with --stats")
-        p.add_argument("--act-clip", action="store_true",
-                       help="with --act tensor: set the static range of each rotated input "
-                            "(rotate_heads: o_proj) at the searched clip ratio of its max, not at the max")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -213,8 +210,7 @@ def _scheme(a, layer_by_layer: bool = False):
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
         return None
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",),
-                act_clip=getattr(a, "act_clip", False))
+                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
 
 
 def _scheme_record(a, layer_by_layer: bool = False) -> dict:

@@ -53,7 +53,7 @@ class W8A8:
     # on the scale above; needs statistics calibrated with hessians=True. MoE experts stay
     # round-to-nearest.
     gptq: bool = False
-    # with act="tensor": the static range of each rotated input (rotate_down, rotate_heads) is set
+    # with act="tensor": the static range of each input rotated online (rotate_down) is set
     # at the clip ratio of its max that gives the least int8 squared error over the calibration
     # values (`act_clip_search`), not at the max. After the rotation no single channel carries the
     # range, so a clip cuts a few large-norm tokens a little and refines everyone else's step
@@ -411,8 +411,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
                and rotated_input(lin) and config.act_for(n) == "tensor"}
     if isinstance(config, W8A8) and config.act_clip and not clipped and (only is None or 0 in only):
-        warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_heads or rotate_down "
-                      "to the recipe); every static range stays at its max", OutlierqNotice, stacklevel=2)
+        warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_down to the recipe); "
+                      "every static range stays at its max", OutlierqNotice, stacklevel=2)
     missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)
     if missing:
         raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "

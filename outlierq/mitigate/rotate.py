@@ -25,7 +25,8 @@ orthogonal head_dim x head_dim Q and the output projection's columns by the same
 the values of different positions, never their dimensions, so each head's output comes out
 multiplied by Q and o_proj's columns undo it. Weights only, on every layout with a v -> o pair
 (Gemma's post norms do not matter here): a standard checkpoint, and o_proj's input (the
-attention output) is spread over each head's dimensions."""
+attention output) is spread over each head's dimensions, but not across heads: act_clip leaves
+its static range at the max (see `calibration.rotated_input`)."""
 from __future__ import annotations
 
 import math
@@ -217,7 +218,6 @@ def apply_rotate_heads(model: nn.Module, stats, cfg: RotateHeads, only: list[int
                 _set(prod.bias, b)
             wc = cons.weight.double()
             _set(cons.weight, (wc.reshape(-1, heads, hd) @ q).reshape(wc.shape))
-            cons.outlierq_rotated_input = True  # (act_clip: a clip no longer cuts one channel)
     model.outlierq_head_rotation = what
     if stats is not None:
         stats.meta = dict(stats.meta, head_rotation=what)

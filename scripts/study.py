@@ -100,6 +100,8 @@ ROWS = [
      "rotate+rotate_heads+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True)),
     # every norm-group and pair input rotated online (in memory), so act_clip sets every static range
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto", "smoothquant:alpha=0.8+rotate_down:inputs=all",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
     ("OCS split + SmoothQuant searched + rotate_down all inputs + GPTQ + act clip auto",
      "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:inputs=all",
      W8A8(act="tensor", gptq=True, act_clip=True)),

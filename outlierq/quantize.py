@@ -57,8 +57,8 @@ class W8A8:
     # at the clip ratio of its max that gives the least int8 squared error over the calibration
     # values (`act_clip_search`), not at the max. After the rotation no single channel carries the
     # range, so a clip cuts a few large-norm tokens a little and refines everyone else's step
-    # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +2.11%; a hand-picked
-    # x0.35 does better still on Gemma's diagnosis windows). Unrotated inputs keep their max:
+    # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +1.72% with the
+    # "token" objective below). Unrotated inputs keep their max:
     # there a clip cuts the massive channels (results/static_diagnosis_smollm2-135m.md: x0.5 on
     # down_proj takes KL from 0.034 to 0.187).
     act_clip: bool = False

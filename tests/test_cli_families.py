@@ -76,4 +76,3 @@ def test_quantize_gptq_cli(tmp_path, capsys):
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q3"), "--recipe", "none",
                  "--stats", str(tmp_path / "s.safetensors")] + QUICK) == 0
     assert json.loads((tmp_path / "q3" / "outlierq.json").read_text())["scheme"]["gptq"] is False
-

@@ -36,17 +36,22 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _mitigated_copy(model, cfg):
+    """(a copy of model with the data-free step cfg applied, the notices it gave)."""
+    m = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mitigate(m, None, [cfg])
+    return m, [str(w.message) for w in seen if w.category is OutlierqNotice]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotation_preserves_the_function(family):
     model = tiny_model(family, outliers=True)
     spec = get_arch(model)
     x = token_batch(2, 24)
     ref = model(input_ids=x).logits
-    m = copy.deepcopy(model)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        mitigate(m, None, [Rotate()])
-    notes = [str(w.message) for w in seen if w.category is OutlierqNotice]
+    m, notes = _mitigated_copy(model, Rotate())
     if not spec.rotatable:
         assert notes and "not rotatable" in notes[0]
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
@@ -122,11 +127,7 @@ def test_rotate_heads_preserves_the_function(family):
     spec = get_arch(model)
     x = token_batch(2, 24)
     ref = model(input_ids=x).logits
-    m = copy.deepcopy(model)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        mitigate(m, None, [RotateHeads()])
-    notes = [str(w.message) for w in seen if w.category is OutlierqNotice]
+    m, notes = _mitigated_copy(model, RotateHeads())
     if not any(p.kind == "attn_vo" for p in spec.pairs):
         assert notes and "no v -> o pair" in notes[0]
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,34 +62,64 @@ class PplResult:
         return asdict(self)
 
 
+# Rows of logits per log-softmax in the KL: a whole window of a 262k-vocabulary model is 2 GB per
+# [seqlen, vocab] tensor, and the unchunked KL (two log-softmaxes and kl_div's elementwise output)
+# took 14 s and 8 GB per window on Gemma-3; 256 rows at a time take 3 s and 0.5 GB.
+KL_CHUNK = 256
+
+
+def _kl_sum(logits: torch.Tensor, ref: torch.Tensor) -> float:
+    """sum over rows of KL(softmax(ref) || softmax(logits)), in nats."""
+    total = 0.0
+    for i in range(0, logits.shape[0], KL_CHUNK):
+        lp = F.log_softmax(logits[i:i + KL_CHUNK], -1)
+        lr = F.log_softmax(ref[i:i + KL_CHUNK], -1)
+        total += F.kl_div(lp, lr, log_target=True, reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048, windows: int | None = None,
                progress: bool = True, reference: nn.Module | None = None) -> PplResult:
     """Perplexity of `model` on the 1-D token tensor `ids` (see the module doc for the protocol).
     With `reference` (e.g. the float model), also the mean KL divergence of `model`'s next-token
     distribution from the reference's and their top-1 agreement, on the same tokens."""
-    check_seqlen(model, seqlen)
+    return perplexities([model], ids, seqlen, windows, progress, reference)[0]
+
+
+@torch.no_grad()
+def perplexities(models: Sequence[nn.Module], ids: torch.Tensor, seqlen: int = 2048,
+                 windows: int | None = None, progress: bool = True,
+                 reference: nn.Module | None = None) -> list[PplResult]:
+    """`perplexity` of several models in one pass over the windows, so that the reference's
+    forward pass (as costly as a model's) runs once per window for all of them."""
+    for model in models:
+        check_seqlen(model, seqlen)
     wins = eval_windows(ids, seqlen, windows)
-    device = next(model.parameters()).device
-    total = kl = 0.0
-    agree = 0
-    dt = 0.0
+    device = next(models[0].parameters()).device
+    n = len(models)
+    total, kl, agree, dt = [0.0] * n, [0.0] * n, [0] * n, [0.0] * n
     for w in tqdm(wins, desc="perplexity", unit="window", disable=not progress):
-        t0 = time.perf_counter()
-        logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1].float()
-        dt += time.perf_counter() - t0  # the model's own time (not the reference's)
-        total += F.cross_entropy(logits, w[1:].to(device), reduction="sum").item()
-        if reference is not None:
-            ref = reference(input_ids=w[None].to(device), use_cache=False).logits[0, :-1].float()
-            lp, lr = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-            kl += F.kl_div(lp, lr, log_target=True, reduction="sum").item()
-            agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-    if not math.isfinite(total):
-        raise OutlierqError(f"perplexity is not finite: {first_nonfinite(model, wins, device)}")
+        x = w[None].to(device)
+        ref = None if reference is None else reference(input_ids=x, use_cache=False).logits[0, :-1].float()
+        for j, model in enumerate(models):
+            t0 = time.perf_counter()
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            dt[j] += time.perf_counter() - t0  # the model's own time (not the reference's)
+            total[j] += F.cross_entropy(logits, w[1:].to(device), reduction="sum").item()
+            if ref is not None:
+                kl[j] += _kl_sum(logits, ref)
+                agree[j] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+            del logits
     n_pred = wins.shape[0] * (seqlen - 1)
-    nll = total / n_pred
-    return PplResult(ppl=math.exp(nll), nll=nll, windows=wins.shape[0],
-                     windows_available=ids.numel() // seqlen, seqlen=seqlen,
-                     tokens=int(wins.numel()), seconds=dt, tokens_per_s=wins.numel() / dt,
-                     kl=kl / n_pred if reference is not None else None,
-                     top1=agree / n_pred if reference is not None else None)
+    out = []
+    for j, model in enumerate(models):
+        if not math.isfinite(total[j]):
+            raise OutlierqError(f"perplexity is not finite: {first_nonfinite(model, wins, device)}")
+        nll = total[j] / n_pred
+        out.append(PplResult(ppl=math.exp(nll), nll=nll, windows=wins.shape[0],
+                             windows_available=ids.numel() // seqlen, seqlen=seqlen,
+                             tokens=int(wins.numel()), seconds=dt[j], tokens_per_s=wins.numel() / dt[j],
+                             kl=kl[j] / n_pred if reference is not None else None,
+                             top1=agree[j] / n_pred if reference is not None else None))
+    return out

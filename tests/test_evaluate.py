@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from outlierq import perplexity
+from outlierq import evaluate, perplexity
 from outlierq.data import calib_windows, eval_windows
 from outlierq.errors import OutlierqError
 from conftest import tiny_model
@@ -36,7 +36,8 @@ def test_windows_and_errors():
         perplexity(tiny_model("LlamaForCausalLM"), torch.arange(1000) % 128, seqlen=512)
 
 
-def test_kl_and_top1_against_a_brute_force_loop():
+def test_kl_and_top1_against_a_brute_force_loop(monkeypatch):
+    monkeypatch.setattr(evaluate, "KL_CHUNK", 8)  # 31 rows per window: chunks of 8, 8, 8 and 7
     model, other = tiny_model("LlamaForCausalLM", seed=0), tiny_model("LlamaForCausalLM", seed=3)
     ids = torch.randint(0, 128, (32 * 3,), generator=torch.Generator().manual_seed(1))
     r = perplexity(other, ids, seqlen=32, progress=False, reference=model)
@@ -51,3 +52,16 @@ def test_kl_and_top1_against_a_brute_force_loop():
     assert r.kl == pytest.approx(kl / 93, rel=1e-4) and r.top1 == pytest.approx(agree / 93)
     same = perplexity(model, ids, seqlen=32, progress=False, reference=model)
     assert same.kl == pytest.approx(0.0, abs=1e-9) and same.top1 == 1.0
+
+
+def test_perplexities_share_the_reference_and_match_one_by_one():
+    ref, a, b = (tiny_model("LlamaForCausalLM", seed=s) for s in (0, 3, 5))
+    ids = torch.randint(0, 128, (32 * 3,), generator=torch.Generator().manual_seed(2))
+    calls = []
+    ref.register_forward_hook(lambda *_: calls.append(1))
+    both = evaluate.perplexities([a, b], ids, seqlen=32, progress=False, reference=ref)
+    assert len(calls) == 3  # one reference pass per window, for both models
+    for model, r in zip((a, b), both):
+        one = perplexity(model, ids, seqlen=32, progress=False, reference=ref)
+        assert (r.ppl, r.kl, r.top1) == (one.ppl, one.kl, one.top1)
+    assert both[0].ppl != both[1].ppl

@@ -298,6 +298,8 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         info["chosen"] = {k: stats.meta[k] for k in CHOSEN if k in stats.meta}
         # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
         info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
+    if getattr(model, "outlierq_range_tune", None):  # the static ranges' tuned factors, by kind
+        info["range_tune"] = model.outlierq_range_tune
     (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
     files = output_files(tmp)
     (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))

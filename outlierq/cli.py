@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="round the int8 weights with GPTQ's error feedback through the "
                             "calibration Hessians (calibration then takes ~1.7x as long). Default: on "
                             "in memory, off layer by layer (--sequential) and with --stats")
+        p.add_argument("--range-tune", type=_count(0), default=0, metavar="N",
+                       help="with --act tensor: scale the static ranges of each kind of Linear by the "
+                            "factor with the least KL from the float model on N calibration windows "
+                            "(in memory only; 4 is plenty)")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -209,8 +213,15 @@ def _scheme(a, layer_by_layer: bool = False):
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
         return None
+    tune = getattr(a, "range_tune", 0)
+    if tune and getattr(a, "stats", None):
+        raise OutlierqError("--range-tune runs the model on calibration windows: drop --stats")
+    if tune and layer_by_layer:
+        raise OutlierqError("--range-tune scores the whole model's output: not available layer by layer "
+                            "(--sequential, or a model too big for memory)")
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",))
+                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",),
+                range_tune=tune)
 
 
 def _scheme_record(a, layer_by_layer: bool = False) -> dict:

@@ -68,13 +68,20 @@ class PplResult:
 KL_CHUNK = 256
 
 
-def _kl_sum(logits: torch.Tensor, ref: torch.Tensor) -> float:
-    """sum over rows of KL(softmax(ref) || softmax(logits)), in nats."""
+def log_probs_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension of [rows, vocab] logits, in place, KL_CHUNK rows at a
+    time (no second [rows, vocab] tensor); returns `logits`."""
+    for i in range(0, logits.shape[0], KL_CHUNK):
+        logits[i:i + KL_CHUNK] = F.log_softmax(logits[i:i + KL_CHUNK], -1)
+    return logits
+
+
+def kl_sum(logits: torch.Tensor, ref_log_probs: torch.Tensor) -> float:
+    """sum over rows of KL(P_ref || softmax(logits)), in nats; `ref_log_probs` from `log_probs_`."""
     total = 0.0
     for i in range(0, logits.shape[0], KL_CHUNK):
-        lp = F.log_softmax(logits[i:i + KL_CHUNK], -1)
-        lr = F.log_softmax(ref[i:i + KL_CHUNK], -1)
-        total += F.kl_div(lp, lr, log_target=True, reduction="sum").item()
+        lp = F.log_softmax(logits[i:i + KL_CHUNK].float(), -1)
+        total += F.kl_div(lp, ref_log_probs[i:i + KL_CHUNK], log_target=True, reduction="sum").item()
     return total
 
 
@@ -101,14 +108,15 @@ def perplexities(models: Sequence[nn.Module], ids: torch.Tensor, seqlen: int = 2
     total, kl, agree, dt = [0.0] * n, [0.0] * n, [0] * n, [0.0] * n
     for w in tqdm(wins, desc="perplexity", unit="window", disable=not progress):
         x = w[None].to(device)
-        ref = None if reference is None else reference(input_ids=x, use_cache=False).logits[0, :-1].float()
+        # (log-probabilities in place: the top-1 token is the same as the logits')
+        ref = None if reference is None else log_probs_(reference(input_ids=x, use_cache=False).logits[0, :-1].float())
         for j, model in enumerate(models):
             t0 = time.perf_counter()
             logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
             dt[j] += time.perf_counter() - t0  # the model's own time (not the reference's)
             total[j] += F.cross_entropy(logits, w[1:].to(device), reduction="sum").item()
             if ref is not None:
-                kl[j] += _kl_sum(logits, ref)
+                kl[j] += kl_sum(logits, ref)
                 agree[j] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
             del logits
     n_pred = wins.shape[0] * (seqlen - 1)

@@ -106,7 +106,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     nor the scheme needs statistics. scheme=None: mitigate only. check_stats=False accepts
     statistics whose weight fingerprint differs from the model's (risk: wrong scales).
     recalibrate_on: with statistics passed in, the token windows a recalibrating step (rotate_down)
-    records the mitigated model on (the ones the statistics came from)."""
+    records the mitigated model on, and W8A8(range_tune=N) tunes on (the ones the statistics
+    came from)."""
     prepare(model)  # unsupported families fail here, before any work
     act = scheme.act if isinstance(scheme, W8A8) else "token"
     configs = resolve_recipe(recipe, act, model)
@@ -132,6 +133,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
                                 "recalibrates the mitigated model: pass calibration windows or a "
                                 "Calibration, not statistics (or recalibrate_on=windows; CLI: drop --stats)")
         stats = calibration  # mitigate() below checks they describe this model
+        windows = recalibrate_on
         calib_info: dict[str, Any] = {"stats": stats.meta.get("model")}
         keep = max((v.shape[0] for v in stats.samples.values()), default=0)
         run_calibration = lambda names=None: calibrate(  # noqa: E731
@@ -157,7 +159,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         done = {k: getattr(model, f"outlierq_{k}", None) for k in ("rotation", "head_rotation")}
         mitigated.meta = dict(mitigated.meta, **{k: v for k, v in done.items() if v})
     if scheme is not None:
-        quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats)
+        quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats, tune_windows=windows)
     configs = first + configs
     record = {"recipe": recipe_to_list(configs), "scheme": asdict(scheme) if scheme is not None else None,
               "calibration": calib_info, "calibrate_seconds": calib_s,
@@ -166,6 +168,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     if getattr(model, "outlierq_act_clip", None):
         record["act_clip"] = model.outlierq_act_clip
         record["act_clip_objective"] = act_clip_objective(scheme, get_arch(model))
+    if getattr(model, "outlierq_range_tune", None):
+        record["range_tune"] = model.outlierq_range_tune
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 

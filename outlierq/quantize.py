@@ -69,10 +69,22 @@ class W8A8:
     # norm), else "value". Measured: the "+ act clip" rows ("value") against the "+ act clip
     # per token" rows of results/ppl_*.md.
     act_clip_objective: Literal["auto", "token", "value"] = "auto"
+    # with act="tensor", > 0: once every static range is set (at its max, or act_clip's ratio),
+    # scale the ranges of each kind of Linear (q_proj, ..., down_proj) by the factor of
+    # RANGE_TUNE_GRID that gives the least KL of the model's next-token distribution from the
+    # float model's on this many calibration windows (`tune_ranges`). act_clip scores each input's
+    # own error; this scores what the model outputs. Needs the windows (outlierq.compress passes
+    # its calibration windows) and the whole model (not layer by layer). The ranges stay plain
+    # input scales: an exported checkpoint carries them.
+    range_tune: int = 0
 
     def __post_init__(self):
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
+        if self.range_tune and self.act != "tensor":
+            raise OutlierqError("W8A8(range_tune=N) tunes static input ranges: use act='tensor'")
+        if self.range_tune < 0:
+            raise OutlierqError(f"range_tune must be >= 0 windows, got {self.range_tune}")
         if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
             raise OutlierqError(f"act_clip_objective must be auto, token or value, got {self.act_clip_objective!r}")
 
@@ -363,14 +375,24 @@ def _untie(model: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
-              progress: bool = True, check_stats: bool = True, only: list[int] | None = None) -> nn.Module:
+              progress: bool = True, check_stats: bool = True, only: list[int] | None = None,
+              tune_windows: torch.Tensor | None = None) -> nn.Module:
     """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;
     returns the model. `stats` (needed for static activations) must describe this model as it is
     now: statistics from before a mitigation are refused unless check_stats=False, which risks
     static scales that no longer fit the weights. only: just these decoder layers (the
-    layer-by-layer pipeline; the caller has checked the statistics)."""
+    layer-by-layer pipeline; the caller has checked the statistics). tune_windows: calibration
+    token windows [S, L] for W8A8(range_tune=N) (the first N are used)."""
     if only is None:
         prepare(model)
+    tune = isinstance(config, W8A8) and config.range_tune > 0
+    if tune and only is not None:
+        raise OutlierqError("W8A8(range_tune=N) scores the whole model's output: not available "
+                            "layer by layer (--sequential)")
+    if tune and (tune_windows is None or tune_windows.ndim != 2):
+        raise OutlierqError("W8A8(range_tune=N) needs calibration token windows [S, L] "
+                            "(quantize_(..., tune_windows=...); outlierq.compress passes its calibration windows, "
+                            "or recalibrate_on= with statistics)")
     spec = get_arch(model)
     if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
@@ -420,6 +442,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     act_clips: dict[str, float] = {}
     if clipped:
         row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
+    if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
+        tune_windows = tune_windows[:config.range_tune]
+        ref = [_log_probs(model, w) for w in tune_windows]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
@@ -453,4 +478,61 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
                        Int8Experts.from_experts(ex, acts, scales, config.fake, config.backend))
     if act_clips:  # the chosen static-range clips, for the record (compress, study rows)
         model.outlierq_act_clip = dict(getattr(model, "outlierq_act_clip", {}), **act_clips)
+    if tune:
+        model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress)
     return model
+
+
+# factors on each kind's static ranges that range_tune tries: a coarse grid in ratio (1.0 is the
+# ranges as calibrated), both ways
+RANGE_TUNE_GRID = (0.55, 0.7, 0.85, 1.0, 1.15, 1.3)
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    from .evaluate import log_probs_
+
+    device = next(model.parameters()).device
+    return log_probs_(model(input_ids=window[None].to(device), use_cache=False).logits[0].float())
+
+
+@torch.no_grad()
+def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor],
+                grid: tuple[float, ...] = RANGE_TUNE_GRID, progress: bool = True) -> dict[str, float]:
+    """Scale the static input ranges (`Int8Linear.input_scale`) of each kind of Linear (the last
+    part of its name: every layer's down_proj together) by the factor of `grid` that gives the
+    least mean KL of the model's next-token distribution from `ref` (the float model's
+    log-probabilities on each of `windows`), one kind at a time in module order, the kinds before
+    it at their chosen factor (coordinate descent, one pass). Returns {kind: factor}; MoE experts'
+    ranges are left as they are.
+
+    Why by kind and not per Linear: (kinds) x (grid) forward passes, 36 on Gemma-3, rather than
+    a hundred times that; and a factor shared by 18 layers is hard to overfit on a few windows."""
+    from .evaluate import kl_sum
+
+    static = [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.act == "tensor"]
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _ in static))
+    base = {n: m.input_scale.clone() for n, m in static}
+    device = next(model.parameters()).device
+
+    def score(kind: str | None = None, factor: float = 1.0) -> float:
+        for n, m in static:
+            k = n.rsplit(".", 1)[-1]
+            m.input_scale.copy_(base[n] * (factor if k == kind else chosen[k]))
+        return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
+                   for w, r in zip(windows, ref)) / windows.numel()
+
+    chosen = dict.fromkeys(kinds, 1.0)
+    best = score()
+    bar = tqdm(total=len(kinds) * (len(grid) - 1), desc="range tune", unit="pass", disable=not progress)
+    for kind in kinds:
+        for f in grid:
+            if f == chosen[kind]:
+                continue
+            kl = score(kind, f)
+            bar.update()
+            if kl < best:
+                best, chosen[kind] = kl, f
+    bar.close()
+    score()  # leave the chosen factors in place
+    return chosen

@@ -106,6 +106,17 @@ ROWS = [
     ("OCS split + SmoothQuant searched + rotate_down all inputs + GPTQ + act clip auto",
      "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:inputs=all",
      W8A8(act="tensor", gptq=True, act_clip=True)),
+    # static ranges tuned end to end by kind on 4 calibration windows (W8A8.range_tune), on the
+    # best static recipes in memory and on the exportable ones
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip + range tune",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
+     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
+    ("OCS split + SmoothQuant searched + GPTQ + range tune", "split:ratio=4+smoothquant:alpha=search,act={act}",
+     W8A8(act="tensor", gptq=True, range_tune=4)),
+    ("Rotate + OCS split + SmoothQuant searched + GPTQ + range tune",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", W8A8(act="tensor", gptq=True, range_tune=4)),
 ]
 
 
@@ -214,7 +225,9 @@ def main() -> None:
             stats, calib_s = stats_for(data, key, base, isinstance(q, W8A8) and q.gptq)
         t0 = time.perf_counter()
         # (rotate_down records down_proj's rotated input on the same windows, after mitigating)
-        again = windows_for(data) if any(lookup(c).recalibrates for c in rest) else None
+        # (and range_tune scores the quantized model on the first of them)
+        again = (windows_for(data) if any(lookup(c).recalibrates for c in rest)
+                 or getattr(q, "range_tune", 0) else None)
         res = compress(m, tok, rest, q, stats, progress=False, recalibrate_on=again)
         stats = res.stats
         prep_s = time.perf_counter() - t0
@@ -228,7 +241,7 @@ def main() -> None:
                    if stats is not None else None,
                    "rotation": getattr(base, "outlierq_rotation", None),
                    "down_rotation": stats.meta.get("down_rotation") if stats is not None else None,
-                   "act_clip": res.record.get("act_clip")}
+                   "act_clip": res.record.get("act_clip"), "range_tune": res.record.get("range_tune")}
 
     def finish(row, r):
         row.update(ppl=r.ppl, windows=r.windows, tokens_per_s=r.tokens_per_s, kl=r.kl, top1=r.top1)

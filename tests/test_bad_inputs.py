@@ -196,6 +196,19 @@ def test_token_for_typo(capsys, ws, model_dir):
                     "--recipe", "none", "--out", "ckpt"] + QUICK, "matches no quantizable Linear", ws)
 
 
+@pytest.mark.parametrize("flags, msg", [
+    (["--act", "token", "--range-tune", "2"], "use act='tensor'"),
+    (["--act", "tensor", "--range-tune", "2", "--stats", "s.safetensors"], "drop --stats"),
+    (["--act", "tensor", "--range-tune", "2", "--sequential"], "not available layer by layer"),
+])
+def test_range_tune_misuse(capsys, ws, model_dir, flags, msg):
+    (ws / "s.safetensors").write_bytes(b"")
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + flags + QUICK,
+           msg, ws)
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--act", "tensor",
+                 "--range-tune", "1", "--out", "ckpt"] + QUICK) == 0
+
+
 def test_truncated_statistics_file(capsys, ws, model_dir):
     assert main(["calibrate", "--model", str(model_dir), "--out", "s.safetensors"] + QUICK) == 0
     (ws / "s.safetensors").write_bytes((ws / "s.safetensors").read_bytes()[:100])

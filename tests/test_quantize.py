@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -169,3 +170,91 @@ def test_quantize_weight_leaves_its_input_alone(dtype):
     quantize_weight(w)
     quantize_weight(w, clip=torch.full((8,), 0.9))
     assert torch.equal(w, before)
+
+
+def _static_inputs(model) -> dict[str, torch.Tensor]:
+    return {n: m.input_scale.clone() for n, m in model.named_modules()
+            if isinstance(m, Int8Linear) and m.act == "tensor"}
+
+
+def _kl_brute(model, ref, windows) -> float:
+    """sum over every position of KL(ref || model), float64, no chunks."""
+    total = 0.0
+    with torch.no_grad():
+        for w, r in zip(windows, ref):
+            lq = torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1)
+            total += (r.exp() * (r - lq)).sum().item()
+    return total
+
+
+def test_range_tune_picks_the_factor_of_least_kl_against_brute_force(tmp_path):
+    """With down_proj the only static kind, the descent is one exhaustive search over the grid:
+    it must pick what a float64 brute force over the same windows picks, and export as is."""
+    import dataclasses
+
+    from outlierq import compress
+    from outlierq.checkpoint import export, load
+    from outlierq.quantize import RANGE_TUNE_GRID
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(6, 24, seed=3)
+    scheme = W8A8(act="tensor", token_for=("*_attn.*", "*gate_proj", "*up_proj"), range_tune=3)
+    tuned = compress(copy.deepcopy(model), None, "none", scheme, windows, progress=False)
+    plain = compress(copy.deepcopy(model), None, "none", dataclasses.replace(scheme, range_tune=0),
+                     windows, progress=False).model
+    assert set(tuned.record["range_tune"]) == {"down_proj"}
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in windows[:3]]
+    base = _static_inputs(plain)
+
+    def kl_at(f: float) -> float:
+        for n, m in plain.named_modules():
+            if n in base:
+                m.input_scale.copy_(base[n] * f)
+        return _kl_brute(plain, ref, windows[:3])
+
+    kls = {f: kl_at(f) for f in RANGE_TUNE_GRID}
+    best = min(kls, key=kls.get)
+    assert tuned.record["range_tune"]["down_proj"] == best
+    for n, s in _static_inputs(tuned.model).items():  # the chosen factor is left in place
+        torch.testing.assert_close(s, base[n] * best, rtol=1e-6, atol=0)
+    out = export(tuned.model, tmp_path / "ckpt", recipe=[], stats=tuned.stats)
+    assert json.loads((out / "outlierq.json").read_text())["range_tune"] == {"down_proj": best}
+    back, _ = load(out)
+    assert all(torch.equal(s, _static_inputs(back)[n]) for n, s in _static_inputs(tuned.model).items())
+    x = windows[3:]
+    assert torch.equal(back(input_ids=x).logits, tuned.model(input_ids=x).logits)
+
+
+def test_range_tune_every_kind_never_worse_and_refusals():
+    from outlierq import compress
+    from outlierq.quantize import RANGE_TUNE_GRID
+
+    model = tiny_model("Gemma3ForCausalLM", outliers=True)
+    windows = token_batch(6, 24, seed=4)
+    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+                     W8A8(act="tensor", act_clip=True), windows, progress=False)
+    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+                     W8A8(act="tensor", act_clip=True, range_tune=2), windows, progress=False)
+    kinds = tuned.record["range_tune"]
+    assert list(kinds) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert set(kinds.values()) <= set(RANGE_TUNE_GRID)
+    assert tuned.record["act_clip"] == plain.record["act_clip"]  # tuned on top of act_clip's ranges
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in windows[:2]]
+    assert _kl_brute(tuned.model, ref, windows[:2]) <= _kl_brute(plain.model, ref, windows[:2]) * (1 + 1e-6)
+    for n, s in _static_inputs(tuned.model).items():
+        torch.testing.assert_close(s, _static_inputs(plain.model)[n] * kinds[n.rsplit(".", 1)[-1]],
+                                   rtol=1e-6, atol=0)
+
+    with pytest.raises(OutlierqError, match="use act='tensor'"):
+        W8A8(act="token", range_tune=2)
+    with pytest.raises(OutlierqError, match=">= 0"):
+        W8A8(act="tensor", range_tune=-1)
+    m = copy.deepcopy(model)
+    stats = calibrate(m, windows, progress=False)
+    with pytest.raises(OutlierqError, match="needs calibration token windows"):
+        quantize_(m, W8A8(act="tensor", range_tune=2), stats, progress=False)
+    with pytest.raises(OutlierqError, match="layer by layer"):
+        quantize_(m, W8A8(act="tensor", range_tune=2), stats, progress=False, only=[0], tune_windows=windows)
+    assert not any(isinstance(x, Int8Linear) for x in m.modules())  # refused before any change

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--range-tune", type=_count(0), default=0, metavar="N",
                        help="with --act tensor: scale the static ranges of each kind of Linear by the "
                             "factor with the least KL from the float model on N calibration windows "
-                            "(in memory only; 4 is plenty)")
+                            "(4 measured; not layer by layer; the tuned ranges export as usual)")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")

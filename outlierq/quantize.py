@@ -510,29 +510,31 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
     a hundred times that; and a factor shared by 18 layers is hard to overfit on a few windows."""
     from .evaluate import kl_sum
 
-    static = [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.act == "tensor"]
-    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _ in static))
-    base = {n: m.input_scale.clone() for n, m in static}
+    # (Linear, its kind, its range as set before tuning)
+    static = [(m, n.rsplit(".", 1)[-1], m.input_scale.clone()) for n, m in model.named_modules()
+              if isinstance(m, Int8Linear) and m.act == "tensor"]
+    chosen = dict.fromkeys((k for _, k, _ in static), 1.0)
     device = next(model.parameters()).device
 
-    def score(kind: str | None = None, factor: float = 1.0) -> float:
-        for n, m in static:
-            k = n.rsplit(".", 1)[-1]
-            m.input_scale.copy_(base[n] * (factor if k == kind else chosen[k]))
+    def set_factors(factors: dict[str, float]) -> None:
+        for m, k, base in static:
+            m.input_scale.copy_(base * factors[k])
+
+    def score(factors: dict[str, float]) -> float:
+        set_factors(factors)
         return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
                    for w, r in zip(windows, ref)) / windows.numel()
 
-    chosen = dict.fromkeys(kinds, 1.0)
-    best = score()
-    bar = tqdm(total=len(kinds) * (len(grid) - 1), desc="range tune", unit="pass", disable=not progress)
-    for kind in kinds:
+    best = score(chosen)
+    bar = tqdm(total=len(chosen) * (len(grid) - 1), desc="range tune", unit="pass", disable=not progress)
+    for kind in chosen:
         for f in grid:
             if f == chosen[kind]:
                 continue
-            kl = score(kind, f)
+            kl = score(dict(chosen, **{kind: f}))
             bar.update()
             if kl < best:
                 best, chosen[kind] = kl, f
     bar.close()
-    score()  # leave the chosen factors in place
+    set_factors(chosen)  # leave the chosen factors in place
     return chosen

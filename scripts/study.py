@@ -249,10 +249,21 @@ def main() -> None:
               f"{r.tokens_per_s:.0f} tok/s)", flush=True)
         return row
 
+    def evaluate(built: list, windows) -> list[dict]:
+        """The rows of `built` ((model, row) pairs from `build`) with their perplexities, in one
+        pass over the windows: the FP32 reference's forward pass runs once per window for all."""
+        out = {}
+        for i, (m, row) in enumerate(built):
+            if row["label"] == "FP32" and a.dtype == "float32":  # the reference itself: no KL
+                out[i] = finish(row, perplexity(m, ids, 2048, windows))
+        rest = [i for i in range(len(built)) if i not in out]
+        if rest:
+            for i, r in zip(rest, perplexities([built[i][0] for i in rest], ids, 2048, windows, reference=fp32)):
+                out[i] = finish(built[i][1], r)
+        return [out[i] for i in range(len(built))]
+
     def run(label, rec_spec, act, q, windows, data="wikitext2"):
-        m, row = build(label, rec_spec, act, q, data)
-        fp_row = label == "FP32" and a.dtype == "float32"
-        return finish(row, perplexity(m, ids, 2048, windows, reference=None if fp_row else fp32))
+        return evaluate([build(label, rec_spec, act, q, data)], windows)[0]
 
     def save():
         write_json(Path(a.out) / f"ppl_{name}.json", dict(record, rows=rows))
@@ -301,22 +312,16 @@ def main() -> None:
         qq = dict(_quantizers(q))[act]
         rows.append(run(label, spec, act, qq, a.windows, data="tinyshakespeare"))
         save()
-    # all-window rows are built first and evaluated in one pass: the FP32 reference's forward
-    # pass then runs once per window for all of them
+    # all-window rows are built first and evaluated in one pass
     built = []
     for item in filter(None, (a.full or "").split(";")):
         label, act = item.split("|")
         spec, q = by_label[(label,)]
         built.append(build(label, spec, act, dict(_quantizers(q)).get(act)))
     if built:
-        fp_rows = [row["label"] == "FP32" and a.dtype == "float32" for _, row in built]
-        if any(fp_rows):  # the reference itself: no KL against itself
-            rows.append(finish(built[fp_rows.index(True)][1], perplexity(fp32, ids, 2048, None)))
-            built = [b for b, f in zip(built, fp_rows) if not f]
-        for (_, row), r in zip(built, perplexities([m for m, _ in built], ids, 2048, None,
-                                                   reference=fp32)):
-            rows.append(finish(row, r))
+        rows.extend(evaluate(built, None))
         save()
+
 
 if __name__ == "__main__":
     torch.manual_seed(0)

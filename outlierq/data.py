@@ -99,9 +99,15 @@ def read_text(spec: str, purpose: str = "eval") -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text tokenized once, as a 1-D LongTensor (no special tokens added by us)."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return ids
+    """The whole text tokenized once, as a 1-D LongTensor (no special tokens added by us).
+
+    Text is text: a literal "<unk>" or "<eos>" in the file stays characters, not the model's
+    control token (split_special_tokens). WikiText-2's word-level validation split, the default
+    calibration text, holds 11,718 "<unk>" placeholders; Gemma-3's tokenizer read each as its
+    special <unk> id, a token no real text produces, and those tokens set the static ranges of
+    several layers (results/static_diagnosis_gemma3-270m.md). The evaluation text has none, so
+    its ids are unchanged; SmolLM2's vocabulary has no "<unk>", so its calibration is too."""
+    return tokenizer(text, return_tensors="pt", split_special_tokens=True).input_ids[0]
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None) -> torch.Tensor:

@@ -56,3 +56,15 @@ def test_a_set_but_missing_data_dir_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("OUTLIERQ_DATA_DIR", str(tmp_path / "nope"))
     with pytest.raises(OutlierqError, match="OUTLIERQ_DATA_DIR"):
         data.read_text("tinyshakespeare")
+
+
+def test_tokenize_reads_control_token_strings_as_text():
+    """A literal "<unk>" in calibration text (WikiText-2's word-level split has 11,718) stays
+    characters: the special <unk> id never appears, and the bos the tokenizer adds still does."""
+    from conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    ids = data.tokenize(tok, "a <unk> b").tolist()
+    assert tok.unk_token_id not in ids
+    assert ids == tok("a <unk> b", split_special_tokens=True).input_ids
+    assert [tok.convert_ids_to_tokens(i) for i in ids if i != tok.bos_token_id] == list("a <unk> b")

@@ -77,12 +77,21 @@ class W8A8:
     # its calibration windows) and the whole model (not layer by layer). The ranges stay plain
     # input scales: an exported checkpoint carries them.
     range_tune: int = 0
+    # with range_tune: kinds (e.g. ("down_proj",)) whose Linears are then tuned one at a time on
+    # the same windows, each by a factor of the grid on top of its kind's (one more pass of
+    # coordinate descent, layer by layer). On Gemma-3's best static recipe down_proj's static
+    # ranges are what is left: down_proj alone per-token takes KL from 0.0179 to 0.0068 on 2
+    # windows, every other kind per-token changes nothing. Its large-norm tokens differ from layer
+    # to layer (results/static_diagnosis_gemma3-270m.md), so one factor for every layer is coarse.
+    range_tune_each: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
         if self.range_tune and self.act != "tensor":
             raise OutlierqError("W8A8(range_tune=N) tunes static input ranges: use act='tensor'")
+        if self.range_tune_each and not self.range_tune:
+            raise OutlierqError("W8A8(range_tune_each=...) refines range_tune's factors: set range_tune=N too")
         if self.range_tune < 0:
             raise OutlierqError(f"range_tune must be >= 0 windows, got {self.range_tune}")
         if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
@@ -428,6 +437,12 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
     targets = [(n, model.get_submodule(n)) for n in names
                if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
+    if tune:
+        kinds = {n.rsplit(".", 1)[-1] for n, _ in targets if config.act_for(n) == "tensor"}
+        stray = [k for k in config.range_tune_each if k not in kinds]
+        if stray:
+            raise OutlierqError(f"range_tune_each: {stray[0]!r} is not the kind of any static Linear "
+                                f"(kinds: {', '.join(sorted(kinds))})")
     # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
     # before any Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
@@ -479,7 +494,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if act_clips:  # the chosen static-range clips, for the record (compress, study rows)
         model.outlierq_act_clip = dict(getattr(model, "outlierq_act_clip", {}), **act_clips)
     if tune:
-        model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress)
+        model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress,
+                                                each=config.range_tune_each)
     return model
 
 
@@ -498,43 +514,57 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor],
-                grid: tuple[float, ...] = RANGE_TUNE_GRID, progress: bool = True) -> dict[str, float]:
+                grid: tuple[float, ...] = RANGE_TUNE_GRID, progress: bool = True,
+                each: tuple[str, ...] = ()) -> dict[str, float]:
     """Scale the static input ranges (`Int8Linear.input_scale`) of each kind of Linear (the last
     part of its name: every layer's down_proj together) by the factor of `grid` that gives the
     least mean KL of the model's next-token distribution from `ref` (the float model's
     log-probabilities on each of `windows`), one kind at a time in module order, the kinds before
-    it at their chosen factor (coordinate descent, one pass). Returns {kind: factor}; MoE experts'
-    ranges are left as they are.
+    it at their chosen factor (coordinate descent, one pass). Then each Linear of the kinds in
+    `each`, in module order, by a factor of `grid` on top of its kind's. Returns {kind: factor},
+    and {Linear name: its own factor} for the Linears of `each`; MoE experts' ranges are left as
+    they are.
 
-    Why by kind and not per Linear: (kinds) x (grid) forward passes, 36 on Gemma-3, rather than
-    a hundred times that; and a factor shared by 18 layers is hard to overfit on a few windows."""
+    Why by kind first: (kinds) x (grid) forward passes, 36 on Gemma-3, rather than a hundred
+    times that; and a factor shared by 18 layers is hard to overfit on a few windows. `each` adds
+    (Linears of those kinds) x (grid - 1) passes where the numbers say one factor is too coarse."""
     from .evaluate import kl_sum
 
-    # (Linear, its kind, its range as set before tuning)
-    static = [(m, n.rsplit(".", 1)[-1], m.input_scale.clone()) for n, m in model.named_modules()
+    # (name, Linear, its kind, its range as set before tuning)
+    static = [(n, m, n.rsplit(".", 1)[-1], m.input_scale.clone()) for n, m in model.named_modules()
               if isinstance(m, Int8Linear) and m.act == "tensor"]
-    chosen = dict.fromkeys((k for _, k, _ in static), 1.0)
+    chosen = dict.fromkeys((k for _, _, k, _ in static), 1.0)
+    own = {n: 1.0 for n, _, k, _ in static if k in each}
     device = next(model.parameters()).device
 
-    def set_factors(factors: dict[str, float]) -> None:
-        for m, k, base in static:
-            m.input_scale.copy_(base * factors[k])
+    def set_factors(factors: dict[str, float], own: dict[str, float]) -> None:
+        for n, m, k, base in static:
+            m.input_scale.copy_(base * factors[k] * own.get(n, 1.0))
 
-    def score(factors: dict[str, float]) -> float:
-        set_factors(factors)
+    def score(factors: dict[str, float], own: dict[str, float]) -> float:
+        set_factors(factors, own)
         return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
                    for w, r in zip(windows, ref)) / windows.numel()
 
-    best = score(chosen)
-    bar = tqdm(total=len(chosen) * (len(grid) - 1), desc="range tune", unit="pass", disable=not progress)
+    best = score(chosen, own)
+    bar = tqdm(total=(len(chosen) + len(own)) * (len(grid) - 1), desc="range tune", unit="pass",
+               disable=not progress)
     for kind in chosen:
         for f in grid:
             if f == chosen[kind]:
                 continue
-            kl = score(dict(chosen, **{kind: f}))
+            kl = score(dict(chosen, **{kind: f}), own)
             bar.update()
             if kl < best:
                 best, chosen[kind] = kl, f
+    for name in own:
+        for f in grid:
+            if f == 1.0:
+                continue
+            kl = score(chosen, dict(own, **{name: f}))
+            bar.update()
+            if kl < best:
+                best, own[name] = kl, f
     bar.close()
-    set_factors(chosen)  # leave the chosen factors in place
-    return chosen
+    set_factors(chosen, own)  # leave the chosen factors in place
+    return {**chosen, **own}

@@ -110,6 +110,10 @@ ROWS = [
     # best static recipes in memory and on the exportable ones
     ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune",
      "smoothquant:alpha=0.8+rotate_down:inputs=all", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
+    # and then each down_proj on its own (W8A8.range_tune_each): what is left of Gemma-3's static loss
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune, each down_proj",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all",
+     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, range_tune_each=("down_proj",))),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip + range tune",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),

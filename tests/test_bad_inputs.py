@@ -200,13 +200,16 @@ def test_token_for_typo(capsys, ws, model_dir):
     (["--act", "token", "--range-tune", "2"], "use act='tensor'"),
     (["--act", "tensor", "--range-tune", "2", "--stats", "s.safetensors"], "drop --stats"),
     (["--act", "tensor", "--range-tune", "2", "--sequential"], "not available layer by layer"),
+    (["--act", "tensor", "--range-tune-each", "down_proj"], "set range_tune=N too"),
+    (["--act", "tensor", "--range-tune", "2", "--range-tune-each", "dwn_proj"], "not the kind of any static Linear"),
 ])
 def test_range_tune_misuse(capsys, ws, model_dir, flags, msg):
     (ws / "s.safetensors").write_bytes(b"")
     _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + flags + QUICK,
            msg, ws)
     assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--act", "tensor",
-                 "--range-tune", "1", "--out", "ckpt"] + QUICK) == 0
+                 "--range-tune", "1", "--range-tune-each", "down_proj", "--out", "ckpt"] + QUICK) == 0
+    assert "model.layers.0.mlp.down_proj" in json.loads((ws / "ckpt" / "outlierq.json").read_text())["range_tune"]
 
 
 def test_truncated_statistics_file(capsys, ws, model_dir):

@@ -226,6 +226,57 @@ def test_range_tune_picks_the_factor_of_least_kl_against_brute_force(tmp_path):
     assert torch.equal(back(input_ids=x).logits, tuned.model(input_ids=x).logits)
 
 
+def test_range_tune_each_descends_linear_by_linear_like_a_brute_force():
+    """range_tune_each=("down_proj",): after the kind's factor, each down_proj in module order gets
+    the grid factor of least KL on top of it, the ones before at their choice: a float64 replay
+    of that descent picks the same factors, and the result is never worse than the kind alone."""
+    import dataclasses
+
+    from outlierq import compress
+    from outlierq.quantize import RANGE_TUNE_GRID
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(6, 24, seed=5)
+    scheme = W8A8(act="tensor", token_for=("*_attn.*", "*gate_proj", "*up_proj"), range_tune=3,
+                  range_tune_each=("down_proj",))
+    tuned = compress(copy.deepcopy(model), None, "none", scheme, windows, progress=False)
+    kind_only = compress(copy.deepcopy(model), None, "none", dataclasses.replace(scheme, range_tune_each=()),
+                         windows, progress=False)
+    plain = compress(copy.deepcopy(model), None, "none", dataclasses.replace(scheme, range_tune=0,
+                     range_tune_each=()), windows, progress=False).model
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in windows[:3]]
+    base = _static_inputs(plain)
+    names = list(base)  # module order; every static Linear is a down_proj here
+    assert len(names) >= 2 and all(n.endswith("down_proj") for n in names)
+    kind = kind_only.record["range_tune"]["down_proj"]
+    assert tuned.record["range_tune"]["down_proj"] == kind
+
+    def kl_at(own: dict[str, float]) -> float:
+        for n, m in plain.named_modules():
+            if n in base:
+                m.input_scale.copy_(base[n] * kind * own[n])
+        return _kl_brute(plain, ref, windows[:3])
+
+    own = dict.fromkeys(names, 1.0)
+    best = kl_at(own)
+    for n in names:
+        for f in RANGE_TUNE_GRID:
+            kl = kl_at(dict(own, **{n: f}))
+            if kl < best:
+                best, own[n] = kl, f
+    assert {n: tuned.record["range_tune"][n] for n in names} == own
+    for n, s in _static_inputs(tuned.model).items():
+        torch.testing.assert_close(s, base[n] * kind * own[n], rtol=1e-6, atol=0)
+    assert _kl_brute(tuned.model, ref, windows[:3]) <= _kl_brute(kind_only.model, ref, windows[:3]) * (1 + 1e-6)
+
+    with pytest.raises(OutlierqError, match="set range_tune=N too"):
+        W8A8(act="tensor", range_tune_each=("down_proj",))
+    with pytest.raises(OutlierqError, match="'o_proj' is not the kind of any static Linear"):
+        compress(copy.deepcopy(model), None, "none", dataclasses.replace(scheme, range_tune_each=("o_proj",)),
+                 windows, progress=False)
+
+
 def test_range_tune_every_kind_never_worse_and_refusals():
     from outlierq import compress
     from outlierq.quantize import RANGE_TUNE_GRID

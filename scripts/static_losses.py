@@ -17,7 +17,7 @@ import torch
 
 from outlierq import calibrate, compress, load_model
 from outlierq.data import calib_windows, eval_windows, read_text, tokenize
-from outlierq.evaluate import log_probs_
+from outlierq.evaluate import KL_CHUNK, log_probs_
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import W8A8, Int8Linear, quantize_
 
@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--recipe", default=RECIPE)
+    # each window's FP32 log-probabilities are kept: 2 GB a window on Gemma-3
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
@@ -43,9 +44,15 @@ def main() -> None:
         ref = [log_probs_(model(input_ids=w[None]).logits[0].float()) for w in ev]
 
     def kl_per_token(m) -> torch.Tensor:  # [windows, 2048]: KL(FP32 || m) at each position
+        out = []
         with torch.no_grad():
-            return torch.stack([(r.exp() * (r - log_probs_(m(input_ids=w[None]).logits[0].float()))).sum(-1)
-                                for w, r in zip(ev, ref)])
+            for w, r in zip(ev, ref):
+                lp = log_probs_(m(input_ids=w[None]).logits[0].float())
+                # KL_CHUNK rows at a time: a [2048, vocab] temporary is 2 GB on Gemma-3
+                out.append(torch.cat([(r[i:i + KL_CHUNK].exp() * (r[i:i + KL_CHUNK] - lp[i:i + KL_CHUNK])).sum(-1)
+                                      for i in range(0, lp.shape[0], KL_CHUNK)]))
+                del lp
+        return torch.stack(out)
 
     static = quantize_(copy.deepcopy(mf), W8A8(act="tensor", act_clip=True), mst, progress=False)
     rows: list[dict] = []

@@ -81,7 +81,7 @@ class W8A8:
     # the same windows, each by a factor of the grid on top of its kind's (one more pass of
     # coordinate descent, layer by layer). On Gemma-3's best static recipe down_proj's static
     # ranges are what is left (results/static_losses_gemma3-270m.md, 2 windows): every down_proj
-    # per-token takes KL from 0.0179 to 0.0068, every other kind per-token changes nothing. Its
+    # per-token takes KL from 0.0179 to 0.0068, no other kind per-token helps. Its
     # large-norm tokens differ from layer to layer (results/static_diagnosis_gemma3-270m.md), so one
     # factor for every layer is coarse. But one layer's down_proj per-token alone never helps much
     # (0.0160 at best): the layers' errors interact, which a one-at-a-time descent may not undo.

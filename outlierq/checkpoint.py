@@ -257,6 +257,10 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
     spec = get_arch(model)  # unsupported families fail here, with one line
     from .mitigate.rotate_down import rotated_linears
 
+    keyed = [n for n, m in model.named_modules() if getattr(m, "token_ids", None) is not None]
+    if keyed:  # see W8A8.quiet_tokens
+        raise OutlierqError(f"{keyed[0]} keys a static range by token id (quiet_tokens), which no checkpoint "
+                            "format carries: it is in memory only; export without it")
     rotated = rotated_linears(model)
     if rotated:  # see mitigate/rotate_down.py
         raise OutlierqError(f"{rotated[0]} rotates its input online (rotate_down), which transformers "

@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--range-tune-each", default="", metavar="KINDS",
                        help="with --range-tune: then tune each Linear of these kinds on its own "
                             "(comma-separated, e.g. down_proj), on top of its kind's factor")
+        p.add_argument("--quiet-tokens", default="", metavar="KINDS",
+                       help="with --range-tune: a second static range, for token ids that calibration "
+                            "finds far below the range, in the Linears of these kinds (e.g. down_proj); "
+                            "in memory only")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -224,8 +228,12 @@ def _scheme(a, layer_by_layer: bool = False):
                             "(--sequential, or a model too big for memory)")
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
                 gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",),
-                range_tune=tune, range_tune_each=tuple(
-                    k.strip() for k in getattr(a, "range_tune_each", "").split(",") if k.strip()))
+                range_tune=tune, range_tune_each=_kinds(getattr(a, "range_tune_each", "")),
+                quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")))
+
+
+def _kinds(arg: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in arg.split(",") if k.strip())
 
 
 def _scheme_record(a, layer_by_layer: bool = False) -> dict:

@@ -77,13 +77,16 @@ def log_probs_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def kl_per_token(logits: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || softmax(logits)) of each row [rows], in nats; `ref_log_probs` from `log_probs_`."""
+    return torch.cat([F.kl_div(F.log_softmax(logits[i:i + KL_CHUNK].float(), -1), ref_log_probs[i:i + KL_CHUNK],
+                               log_target=True, reduction="none").sum(-1)
+                      for i in range(0, logits.shape[0], KL_CHUNK)])
+
+
 def kl_sum(logits: torch.Tensor, ref_log_probs: torch.Tensor) -> float:
-    """sum over rows of KL(P_ref || softmax(logits)), in nats; `ref_log_probs` from `log_probs_`."""
-    total = 0.0
-    for i in range(0, logits.shape[0], KL_CHUNK):
-        lp = F.log_softmax(logits[i:i + KL_CHUNK].float(), -1)
-        total += F.kl_div(lp, ref_log_probs[i:i + KL_CHUNK], log_target=True, reduction="sum").item()
-    return total
+    """sum over rows of `kl_per_token`."""
+    return kl_per_token(logits, ref_log_probs).sum().item()
 
 
 @torch.no_grad()

@@ -170,6 +170,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
         record["act_clip_objective"] = act_clip_objective(scheme, get_arch(model))
     if getattr(model, "outlierq_range_tune", None):
         record["range_tune"] = model.outlierq_range_tune
+    if getattr(model, "outlierq_quiet_tokens", None):
+        record["quiet_tokens"] = model.outlierq_quiet_tokens
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 

@@ -86,6 +86,17 @@ class W8A8:
     # factor for every layer is coarse. But one layer's down_proj per-token alone never helps much
     # (0.0160 at best): the layers' errors interact, which a one-at-a-time descent may not undo.
     range_tune_each: tuple[str, ...] = ()
+    # with range_tune: kinds (e.g. ("down_proj",)) whose static Linears get a second static range
+    # for their "quiet tokens" (`key_quiet_tokens`): token ids whose rows into that Linear are often
+    # far below its range on the calibration windows. Which range a row takes is looked up from
+    # the model's input ids, so no activation is measured at run time: the scales stay constants.
+    # Why: on Gemma-3 the lone space token ' ' is bimodal in layers 5 and 9-15's down_proj: most of
+    # its rows are among the largest, ~1 in 6 sit at 1/100 of the range, where int8 keeps nothing
+    # of them, and the post-feedforward norm scales that rounding noise back to full size. Those
+    # 4% of tokens carried over half of the static KL (results/quiet_tokens_gemma3-270m.md).
+    # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
+    # In memory only: a checkpoint has no place for a scale keyed by token id.
+    quiet_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.act_clip and self.act != "tensor":
@@ -94,6 +105,9 @@ class W8A8:
             raise OutlierqError("W8A8(range_tune=N) tunes static input ranges: use act='tensor'")
         if self.range_tune_each and not self.range_tune:
             raise OutlierqError("W8A8(range_tune_each=...) refines range_tune's factors: set range_tune=N too")
+        if self.quiet_tokens and not self.range_tune:
+            raise OutlierqError("W8A8(quiet_tokens=...) tunes the quiet tokens' range on range_tune's windows: "
+                                "set range_tune=N too")
         if self.range_tune < 0:
             raise OutlierqError(f"range_tune must be >= 0 windows, got {self.range_tune}")
         if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
@@ -202,6 +216,22 @@ def act_clip_objective(config: W8A8, spec: ArchSpec) -> str:
     return "token" if spec.output_norms else "value"
 
 
+class TokenKeys:
+    """The input ids of the model's forward pass in progress, flattened [B*T], for Int8Linears
+    with a static range keyed by token id (W8A8.quiet_tokens): a pre-hook on the model sets them,
+    a hook clears them. Rows and ids line up because every Linear sees [B, T, K]."""
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+
+    def enter(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.ids = ids.reshape(-1) if isinstance(ids, torch.Tensor) else None
+
+    def leave(self, module, args, kwargs, out) -> None:
+        self.ids = None
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  act: Literal["token", "tensor", "none"] = "token", fake: bool = False,
@@ -217,6 +247,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._wt: torch.Tensor | None = None  # contiguous [K, N] copy: _int_mm runs faster on it
         self.input_rotation: nn.Module | None = None  # rotate_down's online rotation, kept as is
+        # W8A8.quiet_tokens: rows of these token ids take the static range token_scale; the ids of
+        # the pass in progress come from the model's TokenKeys (set by `key_quiet_tokens`)
+        self.register_buffer("token_ids", None)
+        self.register_buffer("token_scale", None)
+        self.token_keys: TokenKeys | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
@@ -247,11 +282,35 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not self.fake and self.act != "none" and (self._wt is None or self._wt.device != x.device):
             self._wt = ops.gemm_operand(self.weight.t())  # int8 codes, or fp32 codes where faster
-        y = w8a8_linear(x2, self.weight, self.weight_scale, self.act, self.input_scale, self.fake,
-                        self.backend, self._wt)
+        keyed = self._keyed_rows(x2)
+        if keyed is not None:
+            y = self._keyed_linear(x2, keyed)
+        else:
+            y = w8a8_linear(x2, self.weight, self.weight_scale, self.act, self.input_scale, self.fake,
+                            self.backend, self._wt)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _keyed_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """[M] bool: the rows of `x2` whose token id has its own static range, or None (no such
+        row, or no ids: a call with inputs_embeds keeps the plain static range)."""
+        if self.token_ids is None or self.token_keys is None or self.act != "tensor":
+            return None
+        ids = self.token_keys.ids
+        if ids is None or ids.numel() != x2.shape[0]:
+            return None
+        keyed = torch.isin(ids.to(x2.device), self.token_ids)
+        return keyed if bool(keyed.any()) else None
+
+    def _keyed_linear(self, x2: torch.Tensor, keyed: torch.Tensor) -> torch.Tensor:
+        """w8a8_linear's static path, with the keyed rows at token_scale (still a constant)."""
+        q = ops.quantize_per_tensor(x2, self.input_scale, backend=self.backend)
+        q[keyed] = torch.round(x2[keyed].float() * self.token_scale.float().reciprocal()).clamp_(-127, 127).to(q.dtype)
+        s = torch.where(keyed, self.token_scale.float(), self.input_scale.float())
+        if self.fake:
+            return (q.float() * s[:, None]) @ self.dequantized_weight().t()
+        return ops.int8_matmul(q, s, self._wt, self.weight_scale)
 
     def _apply(self, fn, recurse=True):
         self._wt = None  # device/dtype moves invalidate the cached transpose (buffers move as-is)
@@ -441,10 +500,11 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
                if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
     if tune:
         kinds = {n.rsplit(".", 1)[-1] for n, _ in targets if config.act_for(n) == "tensor"}
-        stray = [k for k in config.range_tune_each if k not in kinds]
-        if stray:
-            raise OutlierqError(f"range_tune_each: {stray[0]!r} is not the kind of any static Linear "
-                                f"(kinds: {', '.join(sorted(kinds))})")
+        for field in ("range_tune_each", "quiet_tokens"):
+            stray = [k for k in getattr(config, field) if k not in kinds]
+            if stray:
+                raise OutlierqError(f"{field}: {stray[0]!r} is not the kind of any static Linear "
+                                    f"(kinds: {', '.join(sorted(kinds))})")
     # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
     # before any Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
@@ -460,7 +520,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if clipped:
         row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
     if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
-        tune_windows = tune_windows[:config.range_tune]
+        calib_windows, tune_windows = tune_windows, tune_windows[:config.range_tune]
         ref = [_log_probs(model, w) for w in tune_windows]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
@@ -498,6 +558,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if tune:
         model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress,
                                                 each=config.range_tune_each)
+        if config.quiet_tokens:
+            model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, tune_windows, ref,
+                                                           config.quiet_tokens, progress=progress)
     return model
 
 
@@ -570,3 +633,85 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
     bar.close()
     set_factors(chosen, own)  # leave the chosen factors in place
     return {**chosen, **own}
+
+
+# key_quiet_tokens: a row is quiet in a Linear when its largest value is below QUIET_LEVEL of the
+# static range (fewer than 8 of int8's 127 steps); a token id is keyed when at least QUIET_SHARE of
+# its QUIET_MIN_ROWS or more calibration rows are quiet there. The quiet range's factors on the
+# Linear's range, tried from 1.0 (the plain static range) down.
+QUIET_LEVEL, QUIET_SHARE, QUIET_MIN_ROWS = 1 / 16, 0.1, 8
+QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+
+
+@torch.no_grad()
+def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torch.Tensor,
+                     ref: list[torch.Tensor], kinds: tuple[str, ...], grid: tuple[float, ...] = QUIET_GRID,
+                     progress: bool = True) -> dict:
+    """Give each static Int8Linear of `kinds` a second static range for its quiet token ids.
+
+    The ids: those whose rows (the Linear's input as it quantizes it, rotated where it rotates)
+    fall below QUIET_LEVEL of its range in at least QUIET_SHARE of their occurrences on `windows`
+    (the calibration windows). The range: the Linear's own times one factor per kind from `grid`,
+    the one of least KL against `ref` (the float model's log-probabilities on `tune_windows`), kinds
+    in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it
+    was. Returns {"factors": {kind: f}, "ids": {Linear name: [token ids]}}."""
+    from .evaluate import kl_sum
+
+    lins = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, Int8Linear) and m.act == "tensor" and n.rsplit(".", 1)[-1] in kinds]
+    device = next(model.parameters()).device
+    quiet: dict[str, list[torch.Tensor]] = {n: [] for n, _ in lins}
+
+    def hook(name):
+        def h(m, args):
+            x = args[0] if m.input_rotation is None else m.input_rotation(args[0])
+            amax = x.reshape(-1, m.in_features).abs().amax(-1).float()
+            quiet[name].append((amax < QUIET_LEVEL * 127 * m.input_scale.float()).cpu())
+        return h
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in lins]
+    try:
+        for w in tqdm(windows, desc="quiet tokens", unit="window", disable=not progress):
+            model(input_ids=w[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    uniq, inv, count = torch.unique(windows.reshape(-1), return_inverse=True, return_counts=True)
+    keys = TokenKeys()
+    ids: dict[str, list[int]] = {}
+    for n, m in lins:
+        share = torch.zeros(len(uniq)).index_add_(0, inv, torch.cat(quiet[n]).float()) / count
+        mine = uniq[(count >= QUIET_MIN_ROWS) & (share >= QUIET_SHARE)]
+        if len(mine):
+            ids[n] = mine.tolist()
+            m.token_ids, m.token_scale, m.token_keys = mine.to(device), m.input_scale.clone(), keys
+    if not ids:
+        return {"factors": {}, "ids": {}}
+    hooks = [model.register_forward_pre_hook(keys.enter, with_kwargs=True),
+             model.register_forward_hook(keys.leave, with_kwargs=True)]
+    keyed = [(n, m, n.rsplit(".", 1)[-1]) for n, m in lins if n in ids]
+    factors = dict.fromkeys((k for _, _, k in keyed), 1.0)
+
+    def score(fs: dict[str, float]) -> float:
+        for _, m, k in keyed:
+            m.token_scale.copy_(m.input_scale * fs[k])
+        return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
+                   for w, r in zip(tune_windows, ref)) / tune_windows.numel()
+
+    best = score(factors)
+    for kind in factors:
+        for f in grid:
+            if f == factors[kind]:
+                continue
+            kl = score(dict(factors, **{kind: f}))
+            if kl < best:
+                best, factors[kind] = kl, f
+    score(factors)
+    for n, m, k in keyed:  # a kind whose quiet range stayed the plain one keeps no keys
+        if factors[k] == 1.0:
+            m.token_ids = m.token_scale = m.token_keys = None
+            del ids[n]
+    if not ids:
+        for h in hooks:
+            h.remove()
+    return {"factors": factors, "ids": ids}

@@ -17,7 +17,7 @@ import torch
 
 from outlierq import calibrate, compress, load_model
 from outlierq.data import calib_windows, eval_windows, read_text, tokenize
-from outlierq.evaluate import KL_CHUNK, log_probs_
+from outlierq.evaluate import kl_per_token, log_probs_
 from outlierq.provenance import stamp, write_json, write_text
 from outlierq.quantize import W8A8, Int8Linear, quantize_
 
@@ -43,22 +43,15 @@ def main() -> None:
     with torch.no_grad():
         ref = [log_probs_(model(input_ids=w[None]).logits[0].float()) for w in ev]
 
-    def kl_per_token(m) -> torch.Tensor:  # [windows, 2048]: KL(FP32 || m) at each position
-        out = []
+    def kl_by_token(m) -> torch.Tensor:  # [windows, 2048]: KL(FP32 || m) at each position
         with torch.no_grad():
-            for w, r in zip(ev, ref):
-                lp = log_probs_(m(input_ids=w[None]).logits[0].float())
-                # KL_CHUNK rows at a time: a [2048, vocab] temporary is 2 GB on Gemma-3
-                out.append(torch.cat([(r[i:i + KL_CHUNK].exp() * (r[i:i + KL_CHUNK] - lp[i:i + KL_CHUNK])).sum(-1)
-                                      for i in range(0, lp.shape[0], KL_CHUNK)]))
-                del lp
-        return torch.stack(out)
+            return torch.stack([kl_per_token(m(input_ids=w[None]).logits[0], r) for w, r in zip(ev, ref)])
 
     static = quantize_(copy.deepcopy(mf), W8A8(act="tensor", act_clip=True), mst, progress=False)
     rows: list[dict] = []
 
     def row(label: str, m) -> torch.Tensor:
-        k = kl_per_token(m)
+        k = kl_by_token(m)
         rows.append({"variant": label, "kl": k.mean().item(),
                      "by_position": {f"{lo}-{hi}": k[:, lo:hi].mean().item() for lo, hi in zip(BUCKETS, BUCKETS[1:])}})
         print(f"{label:50s} KL {rows[-1]['kl']:.5f}", flush=True)

@@ -114,6 +114,10 @@ ROWS = [
     ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune, each down_proj",
      "smoothquant:alpha=0.8+rotate_down:inputs=all",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, range_tune_each=("down_proj",))),
+    # and a second static range for quiet tokens in down_proj (W8A8.quiet_tokens)
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune + quiet tokens",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all",
+     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, quiet_tokens=("down_proj",))),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip + range tune",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
@@ -245,7 +249,8 @@ def main() -> None:
                    if stats is not None else None,
                    "rotation": getattr(base, "outlierq_rotation", None),
                    "down_rotation": stats.meta.get("down_rotation") if stats is not None else None,
-                   "act_clip": res.record.get("act_clip"), "range_tune": res.record.get("range_tune")}
+                   "act_clip": res.record.get("act_clip"), "range_tune": res.record.get("range_tune"),
+                   "quiet_tokens": res.record.get("quiet_tokens")}
 
     def finish(row, r):
         row.update(ppl=r.ppl, windows=r.windows, tokens_per_s=r.tokens_per_s, kl=r.kl, top1=r.top1)

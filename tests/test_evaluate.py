@@ -54,6 +54,17 @@ def test_kl_and_top1_against_a_brute_force_loop(monkeypatch):
     assert same.kl == pytest.approx(0.0, abs=1e-9) and same.top1 == 1.0
 
 
+def test_kl_per_token_against_each_row(monkeypatch):
+    monkeypatch.setattr(evaluate, "KL_CHUNK", 4)  # 10 rows: chunks of 4, 4 and 2
+    g = torch.Generator().manual_seed(4)
+    logits, ref = torch.randn(10, 50, generator=g), torch.randn(10, 50, generator=g)
+    got = evaluate.kl_per_token(logits, evaluate.log_probs_(ref.clone()))
+    p, q = torch.softmax(ref.double(), -1), torch.softmax(logits.double(), -1)
+    want = torch.stack([(p[i] * (p[i].log() - q[i].log())).sum() for i in range(10)])
+    assert got.shape == (10,) and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-7)
+    assert evaluate.kl_sum(logits, evaluate.log_probs_(ref.clone())) == pytest.approx(want.sum().item(), rel=1e-5)
+
+
 def test_perplexities_share_the_reference_and_match_one_by_one():
     ref, a, b = (tiny_model("LlamaForCausalLM", seed=s) for s in (0, 3, 5))
     ids = torch.randint(0, 128, (32 * 3,), generator=torch.Generator().manual_seed(2))

@@ -309,3 +309,90 @@ def test_range_tune_every_kind_never_worse_and_refusals():
     with pytest.raises(OutlierqError, match="layer by layer"):
         quantize_(m, W8A8(act="tensor", range_tune=2), stats, progress=False, only=[0], tune_windows=windows)
     assert not any(isinstance(x, Int8Linear) for x in m.modules())  # refused before any change
+
+
+def test_quiet_token_rows_take_their_own_static_range_like_a_brute_force():
+    """Int8Linear with token_ids: rows of those ids quantize at token_scale, the rest at
+    input_scale, each a constant; without ids (inputs_embeds) every row takes input_scale."""
+    from outlierq.quantize import TokenKeys
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 8, bias=True)
+    x = torch.randn(2, 5, 24) * torch.tensor([1.0, 0.01, 1.0, 0.02, 1.0])[None, :, None]
+    ids = torch.tensor([[4, 9, 4, 9, 1], [9, 4, 2, 3, 9]])
+    for fake in (False, True):
+        m = Int8Linear.from_linear(lin, "tensor", input_scale=x.abs().max().item() / 127, fake=fake)
+        plain = m(x)
+        m.token_ids, m.token_scale, m.token_keys = torch.tensor([9]), m.input_scale * 0.05, TokenKeys()
+        assert torch.equal(m(x), plain)  # no ids known: the plain static range
+        m.token_keys.ids = ids.reshape(-1)
+        s = torch.where(ids.reshape(-1) == 9, m.token_scale, m.input_scale)[:, None]
+        q = (x.reshape(-1, 24) / s).round().clamp(-127, 127)
+        want = (q * s) @ m.dequantized_weight().t() + lin.bias.detach()
+        torch.testing.assert_close(m(x).reshape(-1, 8), want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(m(x), plain)
+
+
+@pytest.mark.parametrize("seed", [4, 5])  # the quiet range's best factor: 1.0 (no keys left), 0.5
+def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, seed):
+    """Token 3, the only id frequent enough, is keyed in exactly the down_projs where a brute
+    force finds >= QUIET_SHARE of its rows below QUIET_LEVEL of the range (raised to 1/2: a tiny
+    random model has no silent tokens); the quiet range's factor is the grid's least KL on the
+    tuning windows (float64 replay), never worse than without keys; the keyed model refuses to
+    export."""
+    import dataclasses
+
+    from outlierq import compress, quantize
+    from outlierq.checkpoint import export
+    from outlierq.quantize import QUIET_GRID, QUIET_SHARE
+
+    monkeypatch.setattr(quantize, "QUIET_LEVEL", 0.5)
+    model = tiny_model("Gemma3ForCausalLM", outliers=True)
+    windows = token_batch(6, 24, seed=seed)
+    windows[:, ::3] = 3
+    scheme = W8A8(act="tensor", act_clip=True, range_tune=2, quiet_tokens=("down_proj",))
+    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all", scheme, windows, progress=False)
+    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+                     dataclasses.replace(scheme, quiet_tokens=()), windows, progress=False)
+    rec = tuned.record["quiet_tokens"]
+    assert list(rec["factors"]) == ["down_proj"] and rec["factors"]["down_proj"] in QUIET_GRID
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in windows[:2]]
+    keyed = {n: m for n, m in tuned.model.named_modules() if getattr(m, "token_ids", None) is not None}
+    assert set(keyed) == set(rec["ids"]) and all(v == [3] for v in rec["ids"].values())
+    quiet = {}  # brute force on the unkeyed model (same ranges): token 3's rows below half the range
+    for n, m in plain.model.named_modules():
+        if n.endswith("down_proj"):
+            m.register_forward_pre_hook(lambda m, a, n=n: quiet.setdefault(n, []).append(
+                m.input_rotation(a[0])[0].abs().amax(-1) < 0.5 * 127 * m.input_scale))
+    with torch.no_grad():
+        for w in windows:
+            plain.model(input_ids=w[None])
+    share = {n: torch.stack(v)[windows == 3].float().mean().item() for n, v in quiet.items()}
+    detected = {n for n, v in share.items() if v >= QUIET_SHARE}
+    assert detected and (set(keyed) == detected if rec["factors"]["down_proj"] != 1.0 else not keyed)
+    kl_tuned = _kl_brute(tuned.model, ref, windows[:2])
+    assert kl_tuned <= _kl_brute(plain.model, ref, windows[:2]) * (1 + 1e-6)
+    if not keyed:  # the best factor was 1.0: the model is the range-tuned one, untouched
+        assert rec["factors"]["down_proj"] == 1.0
+        assert torch.equal(tuned.model(input_ids=windows).logits, plain.model(input_ids=windows).logits)
+        return
+    kls = {}
+    for f in QUIET_GRID:
+        for m in keyed.values():
+            m.token_scale.copy_(m.input_scale * f)
+        kls[f] = _kl_brute(tuned.model, ref, windows[:2])
+    assert rec["factors"]["down_proj"] == min(kls, key=kls.get)
+    with pytest.raises(OutlierqError, match="keys a static range by token id"):
+        export(tuned.model, tmp_path / "ckpt", recipe=[], stats=tuned.stats)
+
+
+def test_quiet_tokens_refusals():
+    from outlierq import compress
+
+    with pytest.raises(OutlierqError, match="set range_tune=N too"):
+        W8A8(act="tensor", quiet_tokens=("down_proj",))
+    with pytest.raises(OutlierqError, match="quiet_tokens: 'o_proj' is not the kind of any static Linear"):
+        compress(tiny_model("LlamaForCausalLM"), None, "none",
+                 W8A8(act="tensor", token_for=("*_attn.*",), range_tune=1, quiet_tokens=("o_proj",)),
+                 token_batch(2, 16), progress=False)

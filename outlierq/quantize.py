@@ -93,7 +93,7 @@ class W8A8:
     # Why: on Gemma-3 the lone space token ' ' is bimodal in layers 5 and 9-15's down_proj: most of
     # its rows are among the largest, ~1 in 6 sit at 1/100 of the range, where int8 keeps nothing
     # of them, and the post-feedforward norm scales that rounding noise back to full size. Those
-    # 4% of tokens carried over half of the static KL (results/quiet_tokens_gemma3-270m.md).
+    # 4% of tokens carried over half of the static KL in a 2-window probe (scripts/quiet_tokens.py).
     # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
     # In memory only: a checkpoint has no place for a scale keyed by token id.
     quiet_tokens: tuple[str, ...] = ()

@@ -578,6 +578,16 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
+    """Mean KL per token of the model's next-token distribution from `ref` on `windows`."""
+    from .evaluate import kl_sum
+
+    device = next(model.parameters()).device
+    return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
+               for w, r in zip(windows, ref)) / windows.numel()
+
+
+@torch.no_grad()
 def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor],
                 grid: tuple[float, ...] = RANGE_TUNE_GRID, progress: bool = True,
                 each: tuple[str, ...] = ()) -> dict[str, float]:
@@ -593,14 +603,12 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
     Why by kind first: (kinds) x (grid) forward passes, 36 on Gemma-3, rather than a hundred
     times that; and a factor shared by 18 layers is hard to overfit on a few windows. `each` adds
     (Linears of those kinds) x (grid - 1) passes where the numbers say one factor is too coarse."""
-    from .evaluate import kl_sum
 
     # (name, Linear, its kind, its range as set before tuning)
     static = [(n, m, n.rsplit(".", 1)[-1], m.input_scale.clone()) for n, m in model.named_modules()
               if isinstance(m, Int8Linear) and m.act == "tensor"]
     chosen = dict.fromkeys((k for _, _, k, _ in static), 1.0)
     own = {n: 1.0 for n, _, k, _ in static if k in each}
-    device = next(model.parameters()).device
 
     def set_factors(factors: dict[str, float], own: dict[str, float]) -> None:
         for n, m, k, base in static:
@@ -608,8 +616,7 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
 
     def score(factors: dict[str, float], own: dict[str, float]) -> float:
         set_factors(factors, own)
-        return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
-                   for w, r in zip(windows, ref)) / windows.numel()
+        return _mean_kl(model, windows, ref)
 
     best = score(chosen, own)
     bar = tqdm(total=(len(chosen) + len(own)) * (len(grid) - 1), desc="range tune", unit="pass",
@@ -655,7 +662,6 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     the one of least KL against `ref` (the float model's log-probabilities on `tune_windows`), kinds
     in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it
     was. Returns {"factors": {kind: f}, "ids": {Linear name: [token ids]}}."""
-    from .evaluate import kl_sum
 
     lins = [(n, m) for n, m in model.named_modules()
             if isinstance(m, Int8Linear) and m.act == "tensor" and n.rsplit(".", 1)[-1] in kinds]
@@ -695,8 +701,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     def score(fs: dict[str, float]) -> float:
         for _, m, k in keyed:
             m.token_scale.copy_(m.input_scale * fs[k])
-        return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
-                   for w, r in zip(tune_windows, ref)) / tune_windows.numel()
+        return _mean_kl(model, tune_windows, ref)
 
     best = score(factors)
     for kind in factors:

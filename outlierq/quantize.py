@@ -87,8 +87,8 @@ class W8A8:
     # (0.0160 at best): the layers' errors interact, which a one-at-a-time descent may not undo.
     range_tune_each: tuple[str, ...] = ()
     # with range_tune: kinds (e.g. ("down_proj",)) whose static Linears get a second static range
-    # for their "quiet tokens" (`key_quiet_tokens`): token ids whose rows into that Linear are often
-    # far below its range on the calibration windows. Which range a row takes is looked up from
+    # for their kind's "quiet tokens" (`key_quiet_tokens`): token ids whose rows into some Linear of
+    # the kind are often far below its range on the calibration windows. Which range a row takes is looked up from
     # the model's input ids, so no activation is measured at run time: the scales stay constants.
     # Why: on Gemma-3 the lone space token ' ' is bimodal in layers 5 and 9-15's down_proj: most of
     # its rows are among the largest, ~1 in 6 sit at 1/100 of the range, where int8 keeps nothing
@@ -644,8 +644,8 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
 
 # key_quiet_tokens: a row is quiet in a Linear when its largest value is below QUIET_LEVEL of the
 # static range (fewer than 8 of int8's 127 steps); a token id is keyed when at least QUIET_SHARE of
-# its QUIET_MIN_ROWS or more calibration rows are quiet there. The quiet range's factors on the
-# Linear's range, tried from 1.0 (the plain static range) down.
+# its QUIET_MIN_ROWS or more calibration rows are quiet in some Linear of the kind. The quiet
+# range's factors on the Linear's range, tried from 1.0 (the plain static range) down.
 QUIET_LEVEL, QUIET_SHARE, QUIET_MIN_ROWS = 1 / 16, 0.1, 8
 QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 
@@ -654,14 +654,23 @@ QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torch.Tensor,
                      ref: list[torch.Tensor], kinds: tuple[str, ...], grid: tuple[float, ...] = QUIET_GRID,
                      progress: bool = True) -> dict:
-    """Give each static Int8Linear of `kinds` a second static range for its quiet token ids.
+    """Give each static Int8Linear of `kinds` a second static range for its kind's quiet token ids.
 
-    The ids: those whose rows (the Linear's input as it quantizes it, rotated where it rotates)
-    fall below QUIET_LEVEL of its range in at least QUIET_SHARE of their occurrences on `windows`
-    (the calibration windows). The range: the Linear's own times one factor per kind from `grid`,
-    the one of least KL against `ref` (the float model's log-probabilities on `tune_windows`), kinds
-    in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it
-    was. Returns {"factors": {kind: f}, "ids": {Linear name: [token ids]}}."""
+    The ids: those whose rows (a Linear's input as it quantizes it, rotated where it rotates) fall
+    below QUIET_LEVEL of its range in at least QUIET_SHARE of their occurrences on `windows` (the
+    calibration windows) in at least one Linear of the kind; every Linear of the kind keys them.
+    The range: the Linear's own times one factor per kind from `grid`, the one of least KL against
+    `ref` (the float model's log-probabilities on `tune_windows`), kinds in turn (as
+    `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it was.
+    Returns {"factors": {kind: f}, "ids": {kind: [token ids]}, "quiet_in": {kind: [Linear names
+    where some id met the threshold]}}.
+
+    Why the kind's ids in every Linear of it, not each Linear's own: on Gemma-3, keying ' ' only
+    in the down_projs where it passed the threshold (5 of 18, all 142 windows) took the static KL
+    from 0.01718 to 0.01499; keying it in every down_proj, as scripts/quiet_tokens.py does, gave
+    more in its probe (results/quiet_tokens_gemma3-270m.md). A quiet share near the threshold is
+    noise on calibration text, and a keyed row that is loud is clipped at the quiet range, which
+    the factor's tune weighs."""
 
     lins = [(n, m) for n, m in model.named_modules()
             if isinstance(m, Int8Linear) and m.act == "tensor" and n.rsplit(".", 1)[-1] in kinds]
@@ -683,20 +692,25 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
         for h in handles:
             h.remove()
     uniq, inv, count = torch.unique(windows.reshape(-1), return_inverse=True, return_counts=True)
-    keys = TokenKeys()
-    ids: dict[str, list[int]] = {}
+    found: dict[str, torch.Tensor] = {}  # kind -> whether each of `uniq` is quiet somewhere in it
+    quiet_in: dict[str, list[str]] = {}
     for n, m in lins:
         share = torch.zeros(len(uniq)).index_add_(0, inv, torch.cat(quiet[n]).float()) / count
-        mine = uniq[(count >= QUIET_MIN_ROWS) & (share >= QUIET_SHARE)]
-        if len(mine):
-            ids[n] = mine.tolist()
-            m.token_ids, m.token_scale, m.token_keys = mine.to(device), m.input_scale.clone(), keys
+        hit = (count >= QUIET_MIN_ROWS) & (share >= QUIET_SHARE)
+        kind = n.rsplit(".", 1)[-1]
+        found[kind] = found.get(kind, torch.zeros_like(hit)) | hit
+        if hit.any():
+            quiet_in.setdefault(kind, []).append(n)
+    ids = {k: uniq[hit].tolist() for k, hit in found.items() if hit.any()}
     if not ids:
-        return {"factors": {}, "ids": {}}
+        return {"factors": {}, "ids": {}, "quiet_in": {}}
+    keys = TokenKeys()
+    keyed = [(n, m, n.rsplit(".", 1)[-1]) for n, m in lins if n.rsplit(".", 1)[-1] in ids]
+    for _, m, k in keyed:
+        m.token_ids, m.token_scale, m.token_keys = torch.tensor(ids[k], device=device), m.input_scale.clone(), keys
     hooks = [model.register_forward_pre_hook(keys.enter, with_kwargs=True),
              model.register_forward_hook(keys.leave, with_kwargs=True)]
-    keyed = [(n, m, n.rsplit(".", 1)[-1]) for n, m in lins if n in ids]
-    factors = dict.fromkeys((k for _, _, k in keyed), 1.0)
+    factors = dict.fromkeys(ids, 1.0)
 
     def score(fs: dict[str, float]) -> float:
         for _, m, k in keyed:
@@ -715,8 +729,8 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     for n, m, k in keyed:  # a kind whose quiet range stayed the plain one keeps no keys
         if factors[k] == 1.0:
             m.token_ids = m.token_scale = m.token_keys = None
-            del ids[n]
+    ids = {k: v for k, v in ids.items() if factors[k] != 1.0}
     if not ids:
         for h in hooks:
             h.remove()
-    return {"factors": factors, "ids": ids}
+    return {"factors": factors, "ids": ids, "quiet_in": quiet_in}

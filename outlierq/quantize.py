@@ -91,9 +91,9 @@ class W8A8:
     # the kind are often far below its range on the calibration windows. Which range a row takes is
     # looked up from the model's input ids, so no activation is measured at run time: the scales
     # stay constants. Why: on Gemma-3 the lone space token ' ' (3% of tokens) is bimodal in down_proj
-    # (layers 7 and 9-15 most): most of its rows are among the largest, ~1 in 6 sit at 1/100 of the
-    # range, where int8 keeps nothing of them, and the post-feedforward norm scales that rounding
-    # noise back to full size. In a 2-window probe (results/quiet_tokens_gemma3-270m.md), its rows
+    # (layers 7 and 9-15 most): most of its rows are among the largest, ~1 in 6 sit below 1/16 of
+    # the range (down to 1/100), on a few of int8's steps, and the post-feedforward norm scales that
+    # rounding noise back to full size. In a 2-window probe (results/quiet_tokens_gemma3-270m.md), its rows
     # per-token take the static KL from 0.0179 to 0.0113, at a keyed static range x0.3 to 0.0134.
     # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
     # In memory only: a checkpoint has no place for a scale keyed by token id.

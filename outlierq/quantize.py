@@ -90,11 +90,12 @@ class W8A8:
     # for their kind's "quiet tokens" (`key_quiet_tokens`): token ids whose rows into some Linear of
     # the kind are often far below its range on the calibration windows. Which range a row takes is
     # looked up from the model's input ids, so no activation is measured at run time: the scales
-    # stay constants. Why: on Gemma-3 the lone space token ' ' (3% of tokens) is bimodal in down_proj
-    # (layers 7 and 9-15 most): most of its rows are among the largest, ~1 in 6 sit below 1/16 of
-    # the range (down to 1/100), on a few of int8's steps, and the post-feedforward norm scales that
-    # rounding noise back to full size. In a 2-window probe (results/quiet_tokens_gemma3-270m.md), its rows
-    # per-token take the static KL from 0.0179 to 0.0113, at a keyed static range x0.3 to 0.0134.
+    # stay constants. Why: on Gemma-3 the lone space token ' ' (3% of tokens) is bimodal in
+    # down_proj (layers 7 and 9-15 most): most of its rows are among the largest, ~1 in 6 sit below
+    # 1/16 of the range (down to 1/100), on a few of int8's steps, and the post-feedforward norm
+    # scales that rounding noise back to full size. In a 2-window probe
+    # (results/quiet_tokens_gemma3-270m.md), its rows per-token take the static KL from 0.0179 to
+    # 0.0113, at a keyed static range x0.3 to 0.0134.
     # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
     # In memory only: a checkpoint has no place for a scale keyed by token id.
     quiet_tokens: tuple[str, ...] = ()
@@ -673,10 +674,11 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     noise on calibration text, and a keyed row that is loud is clipped at the quiet range, which
     the factor's tune weighs."""
 
-    lins = [(n, m) for n, m in model.named_modules()
+    # (name, Linear, its kind)
+    lins = [(n, m, n.rsplit(".", 1)[-1]) for n, m in model.named_modules()
             if isinstance(m, Int8Linear) and m.act == "tensor" and n.rsplit(".", 1)[-1] in kinds]
     device = next(model.parameters()).device
-    quiet: dict[str, list[torch.Tensor]] = {n: [] for n, _ in lins}
+    quiet: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in lins}
 
     def hook(name):
         def h(m, args):
@@ -685,7 +687,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
             quiet[name].append((amax < QUIET_LEVEL * 127 * m.input_scale.float()).cpu())
         return h
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in lins]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m, _ in lins]
     try:
         for w in tqdm(windows, desc="quiet tokens", unit="window", disable=not progress):
             model(input_ids=w[None].to(device), use_cache=False)
@@ -695,10 +697,9 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     uniq, inv, count = torch.unique(windows.reshape(-1), return_inverse=True, return_counts=True)
     found: dict[str, torch.Tensor] = {}  # kind -> whether each of `uniq` is quiet somewhere in it
     quiet_in: dict[str, list[str]] = {}
-    for n, m in lins:
+    for n, _, kind in lins:
         share = torch.zeros(len(uniq)).index_add_(0, inv, torch.cat(quiet[n]).float()) / count
         hit = (count >= QUIET_MIN_ROWS) & (share >= QUIET_SHARE)
-        kind = n.rsplit(".", 1)[-1]
         found[kind] = found.get(kind, torch.zeros_like(hit)) | hit
         if hit.any():
             quiet_in.setdefault(kind, []).append(n)
@@ -706,7 +707,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     if not ids:
         return {"factors": {}, "ids": {}, "quiet_in": {}}
     keys = TokenKeys()
-    keyed = [(n, m, n.rsplit(".", 1)[-1]) for n, m in lins if n.rsplit(".", 1)[-1] in ids]
+    keyed = [(n, m, k) for n, m, k in lins if k in ids]
     for _, m, k in keyed:
         m.token_ids, m.token_scale, m.token_keys = torch.tensor(ids[k], device=device), m.input_scale.clone(), keys
     hooks = [model.register_forward_pre_hook(keys.enter, with_kwargs=True),

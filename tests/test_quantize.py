@@ -370,7 +370,7 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
         for w in windows:
             plain.model(input_ids=w[None])
     share = {n: torch.stack(v)[windows == 3].float().mean().item() for n, v in quiet.items()}
-    detected = {n for n, v in share.items() if v >= 0.4}
+    detected = {n for n, v in share.items() if v >= quantize.QUIET_SHARE}
     assert detected == {"model.layers.0.mlp.down_proj"} and rec["quiet_in"] == {"down_proj": [n for n in downs if n in detected]}
     if rec["factors"]["down_proj"] != 1.0:
         assert rec["ids"] == {"down_proj": [3]} and sorted(keyed) == sorted(downs)

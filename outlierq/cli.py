@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="with --range-tune: a second static range, for token ids that calibration "
                             "finds far below the range, in the Linears of these kinds (e.g. down_proj); "
                             "in memory only")
+        p.add_argument("--quiet-tune", type=_count(0), default=0, metavar="N",
+                       help="with --quiet-tokens: tune their range on N calibration windows (default: "
+                            "--range-tune's), against the float model's top 256 tokens per position")
         p.add_argument("--int8-head", action="store_true",
                        help="quantize the output head too (W8A8 as the rest; unties a tied head); "
                             "faster prefill with a large vocabulary, at a perplexity cost")
@@ -229,7 +232,7 @@ def _scheme(a, layer_by_layer: bool = False):
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
                 gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",),
                 range_tune=tune, range_tune_each=_kinds(getattr(a, "range_tune_each", "")),
-                quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")))
+                quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")), quiet_tune=getattr(a, "quiet_tune", 0))
 
 
 def _kinds(arg: str) -> tuple[str, ...]:

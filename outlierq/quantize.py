@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .calibration import ActivationStats, module_name, output_head, rotated_input, value_bin_centres
 from .errors import OutlierqError, OutlierqNotice
+from .evaluate import coarse_kl_sum, kl_sum, log_probs_, top_log_probs
 from .gptq import gptq_codes
 from .mitigate.surgery import set_module
 from .models.arch import ArchSpec, decoder_layers, get_arch, quantizable, resolve
@@ -99,6 +100,12 @@ class W8A8:
     # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
     # In memory only: a checkpoint has no place for a scale keyed by token id.
     quiet_tokens: tuple[str, ...] = ()
+    # with quiet_tokens: tune the quiet range's factor on this many calibration windows instead of
+    # range_tune's, scored by `coarse_kl_sum` against the float model's top QUIET_TOPK tokens per
+    # position (full log-probabilities are 537 MB per 512-token window on Gemma-3's vocabulary).
+    # Why: range_tune's 4 windows hold ~10 quiet ' ' rows on Gemma-3; there they pick factor 0.7
+    # where the held-out probe (results/quiet_tokens_gemma3-270m.md) favours 0.3.
+    quiet_tune: int = 0
 
     def __post_init__(self):
         if self.act_clip and self.act != "tensor":
@@ -112,6 +119,10 @@ class W8A8:
                                 "set range_tune=N too")
         if self.range_tune < 0:
             raise OutlierqError(f"range_tune must be >= 0 windows, got {self.range_tune}")
+        if self.quiet_tune and not self.quiet_tokens:
+            raise OutlierqError("W8A8(quiet_tune=N) tunes the quiet tokens' range: set quiet_tokens=(kinds) too")
+        if self.quiet_tune < 0:
+            raise OutlierqError(f"quiet_tune must be >= 0 windows, got {self.quiet_tune}")
         if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
             raise OutlierqError(f"act_clip_objective must be auto, token or value, got {self.act_clip_objective!r}")
 
@@ -465,6 +476,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("W8A8(range_tune=N) needs calibration token windows [S, L] "
                             "(quantize_(..., tune_windows=...); outlierq.compress passes its calibration windows, "
                             "or recalibrate_on= with statistics)")
+    if tune and max(config.range_tune, config.quiet_tune) > len(tune_windows):
+        raise OutlierqError(f"W8A8 tunes on {max(config.range_tune, config.quiet_tune)} calibration windows, "
+                            f"but {len(tune_windows)} were given: calibrate on more (--samples) or tune on fewer")
     spec = get_arch(model)
     if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
@@ -524,6 +538,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
         calib_windows, tune_windows = tune_windows, tune_windows[:config.range_tune]
         ref = [_log_probs(model, w) for w in tune_windows]
+        quiet_windows, quiet_ref = tune_windows, ref
+        if config.quiet_tune:
+            quiet_windows = calib_windows[:config.quiet_tune]
+            quiet_ref = [top_log_probs(_logits(model, w), QUIET_TOPK) for w in quiet_windows]
     for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
         if isinstance(config, LLMInt8):
             new = _llm_int8(lin, config.threshold)
@@ -561,7 +579,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress,
                                                 each=config.range_tune_each)
         if config.quiet_tokens:
-            model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, tune_windows, ref,
+            model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
                                                            config.quiet_tokens, progress=progress)
     return model
 
@@ -572,20 +590,20 @@ RANGE_TUNE_GRID = (0.55, 0.7, 0.85, 1.0, 1.15, 1.3)
 
 
 @torch.no_grad()
-def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    from .evaluate import log_probs_
-
+def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
-    return log_probs_(model(input_ids=window[None].to(device), use_cache=False).logits[0].float())
+    return model(input_ids=window[None].to(device), use_cache=False).logits[0]
+
+
+def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    return log_probs_(_logits(model, window).float())
 
 
 @torch.no_grad()
-def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
-    """Mean KL per token of the model's next-token distribution from `ref` on `windows`."""
-    from .evaluate import kl_sum
-
-    device = next(model.parameters()).device
-    return sum(kl_sum(model(input_ids=w[None].to(device), use_cache=False).logits[0], r)
+def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list) -> float:
+    """Mean KL per token of the model's next-token distribution from `ref` on `windows`: each
+    reference full log-probabilities (`kl_sum`) or a `top_log_probs` tuple (`coarse_kl_sum`)."""
+    return sum((coarse_kl_sum if isinstance(r, tuple) else kl_sum)(_logits(model, w), r)
                for w, r in zip(windows, ref)) / windows.numel()
 
 
@@ -650,11 +668,13 @@ def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]
 # range's factors on the Linear's range, tried from 1.0 (the plain static range) down.
 QUIET_LEVEL, QUIET_SHARE, QUIET_MIN_ROWS = 1 / 16, 0.1, 8
 QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+# W8A8.quiet_tune's reference: each position's top tokens kept (`top_log_probs`)
+QUIET_TOPK = 256
 
 
 @torch.no_grad()
 def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torch.Tensor,
-                     ref: list[torch.Tensor], kinds: tuple[str, ...], grid: tuple[float, ...] = QUIET_GRID,
+                     ref: list, kinds: tuple[str, ...], grid: tuple[float, ...] = QUIET_GRID,
                      progress: bool = True) -> dict:
     """Give each static Int8Linear of `kinds` a second static range for its kind's quiet token ids.
 
@@ -662,8 +682,8 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     below QUIET_LEVEL of its range in at least QUIET_SHARE of their occurrences on `windows` (the
     calibration windows) in at least one Linear of the kind; every Linear of the kind keys them.
     The range: the Linear's own times one factor per kind from `grid`, the one of least KL against
-    `ref` (the float model's log-probabilities on `tune_windows`), kinds in turn (as
-    `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it was.
+    `ref` (the float model's log-probabilities on `tune_windows`, full or `top_log_probs`), kinds
+    in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it was.
     Returns {"factors": {kind: f}, "ids": {kind: [token ids]}, "quiet_in": {kind: [Linear names
     where some id met the threshold]}}.
 

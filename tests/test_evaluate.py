@@ -65,6 +65,30 @@ def test_kl_per_token_against_each_row(monkeypatch):
     assert evaluate.kl_sum(logits, evaluate.log_probs_(ref.clone())) == pytest.approx(want.sum().item(), rel=1e-5)
 
 
+def test_coarse_kl_against_merged_distributions(monkeypatch):
+    """coarse_kl_sum = the KL of the two distributions with every token outside the reference's
+    top k merged into one outcome (float64, row by row); <= the full KL; = it when k is the
+    vocabulary. One row is confident enough that 1 - its top's sum rounds to 0 in float32."""
+    monkeypatch.setattr(evaluate, "KL_CHUNK", 4)
+    g = torch.Generator().manual_seed(6)
+    logits, ref = torch.randn(10, 50, generator=g) * 3, torch.randn(10, 50, generator=g) * 3
+    ref[7, 0] = 40.0
+    p, q = torch.softmax(ref.double(), -1), torch.softmax(logits.double(), -1)
+    for k in (1, 5, 50):
+        got = evaluate.coarse_kl_sum(logits, evaluate.top_log_probs(ref.clone(), k))
+        want = 0.0
+        for i in range(10):
+            top = p[i].argsort(descending=True)[:k]
+            rest = torch.ones(50, dtype=torch.bool)
+            rest[top] = False
+            pm = torch.cat([p[i][top], p[i][rest].sum()[None]])
+            qm = torch.cat([q[i][top], q[i][rest].sum()[None]])
+            want += torch.where(pm > 0, pm * (pm.log() - qm.log()), 0.0).sum().item()
+        assert got == pytest.approx(want, rel=1e-4), k
+        full = evaluate.kl_sum(logits, evaluate.log_probs_(ref.clone()))
+        assert got <= full * (1 + 1e-5) and (k < 50 or got == pytest.approx(full, rel=1e-5))
+
+
 def test_perplexities_share_the_reference_and_match_one_by_one():
     ref, a, b = (tiny_model("LlamaForCausalLM", seed=s) for s in (0, 3, 5))
     ids = torch.randint(0, 128, (32 * 3,), generator=torch.Generator().manual_seed(2))

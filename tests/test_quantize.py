@@ -333,13 +333,16 @@ def test_quiet_token_rows_take_their_own_static_range_like_a_brute_force():
         assert not torch.allclose(m(x), plain)
 
 
-@pytest.mark.parametrize("seed", [4, 5])  # the quiet range's best factor: 1.0 (no keys left), 0.5
-def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, seed):
+# seed 4: the quiet range's best factor is 1.0 (no keys left), seed 5: 0.5; seed 6, quiet_tune=4: 0.5,
+# tuned on 4 windows against the float model's top 4 tokens
+@pytest.mark.parametrize("seed,quiet_tune", [(4, 0), (5, 0), (6, 4)])
+def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, seed, quiet_tune):
     """Token 3, the only id frequent enough, is found quiet in exactly the down_projs where a brute
     force finds >= QUIET_SHARE of its rows below QUIET_LEVEL of the range (QUIET_LEVEL raised to
     1/2: a tiny random model has no silent tokens; QUIET_SHARE to 0.4: only layer 0 passes), and is
     keyed in every down_proj; the quiet range's factor is the grid's least KL on the tuning windows
-    (float64 replay), never worse than without keys; the keyed model refuses to export."""
+    (float64 replay; with quiet_tune, of the distributions with all but the reference's top tokens
+    merged), never worse than without keys; the keyed model refuses to export."""
     import dataclasses
 
     from outlierq import compress, quantize
@@ -348,17 +351,34 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(quantize, "QUIET_LEVEL", 0.5)
     monkeypatch.setattr(quantize, "QUIET_SHARE", 0.4)  # token 3 passes it in layer 0's down_proj only
+    monkeypatch.setattr(quantize, "QUIET_TOPK", 4)
     model = tiny_model("Gemma3ForCausalLM", outliers=True)
     windows = token_batch(6, 24, seed=seed)
     windows[:, ::3] = 3
-    scheme = W8A8(act="tensor", act_clip=True, range_tune=2, quiet_tokens=("down_proj",))
+    scheme = W8A8(act="tensor", act_clip=True, range_tune=2, quiet_tokens=("down_proj",), quiet_tune=quiet_tune)
     tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all", scheme, windows, progress=False)
     plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
-                     dataclasses.replace(scheme, quiet_tokens=()), windows, progress=False)
+                     dataclasses.replace(scheme, quiet_tokens=(), quiet_tune=0), windows, progress=False)
     rec = tuned.record["quiet_tokens"]
     assert list(rec["factors"]) == ["down_proj"] and rec["factors"]["down_proj"] in QUIET_GRID
+    scored = windows[:quiet_tune or 2]
     with torch.no_grad():
-        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in windows[:2]]
+        ref = [torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1) for w in scored]
+
+    def kl(m) -> float:
+        if not quiet_tune:
+            return _kl_brute(m, ref, scored)
+        total = 0.0  # the top 4 of each row kept, the rest merged into one outcome
+        with torch.no_grad():
+            for w, r in zip(scored, ref):
+                lq = torch.log_softmax(m(input_ids=w[None]).logits[0].double(), -1)
+                top = r.topk(4, -1).indices
+                rest = torch.ones_like(r, dtype=torch.bool).scatter_(-1, top, False)
+                p = torch.cat([r.gather(-1, top).exp(), (r.exp() * rest).sum(-1, keepdim=True)], -1)
+                q = torch.cat([lq.gather(-1, top).exp(), (lq.exp() * rest).sum(-1, keepdim=True)], -1)
+                total += (p * (p.log() - q.log())).sum().item()
+        return total
+
     keyed = {n: m for n, m in tuned.model.named_modules() if getattr(m, "token_ids", None) is not None}
     downs = [n for n, _ in tuned.model.named_modules() if n.endswith("down_proj")]
     quiet = {}  # brute force on the unkeyed model (same ranges): token 3's rows below half the range
@@ -377,8 +397,7 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
         assert all(m.token_ids.tolist() == [3] for m in keyed.values())
     else:
         assert rec["ids"] == {} and not keyed
-    kl_tuned = _kl_brute(tuned.model, ref, windows[:2])
-    assert kl_tuned <= _kl_brute(plain.model, ref, windows[:2]) * (1 + 1e-6)
+    assert kl(tuned.model) <= kl(plain.model) * (1 + 1e-6)
     if not keyed:  # the best factor was 1.0: the model is the range-tuned one, untouched
         assert rec["factors"]["down_proj"] == 1.0
         assert torch.equal(tuned.model(input_ids=windows).logits, plain.model(input_ids=windows).logits)
@@ -387,8 +406,8 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
     for f in QUIET_GRID:
         for m in keyed.values():
             m.token_scale.copy_(m.input_scale * f)
-        kls[f] = _kl_brute(tuned.model, ref, windows[:2])
-    assert rec["factors"]["down_proj"] == min(kls, key=kls.get)
+        kls[f] = kl(tuned.model)
+    assert rec["factors"]["down_proj"] == min(kls, key=kls.get), kls
     with pytest.raises(OutlierqError, match="keys a static range by token id"):
         export(tuned.model, tmp_path / "ckpt", recipe=[], stats=tuned.stats)
 
@@ -401,4 +420,10 @@ def test_quiet_tokens_refusals():
     with pytest.raises(OutlierqError, match="quiet_tokens: 'o_proj' is not the kind of any static Linear"):
         compress(tiny_model("LlamaForCausalLM"), None, "none",
                  W8A8(act="tensor", token_for=("*_attn.*",), range_tune=1, quiet_tokens=("o_proj",)),
+                 token_batch(2, 16), progress=False)
+    with pytest.raises(OutlierqError, match="set quiet_tokens=\\(kinds\\) too"):
+        W8A8(act="tensor", range_tune=1, quiet_tune=4)
+    with pytest.raises(OutlierqError, match="tunes on 3 calibration windows, but 2 were given"):
+        compress(tiny_model("LlamaForCausalLM"), None, "none",
+                 W8A8(act="tensor", range_tune=1, quiet_tokens=("down_proj",), quiet_tune=3),
                  token_batch(2, 16), progress=False)

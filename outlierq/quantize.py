@@ -685,7 +685,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     `ref` (the float model's log-probabilities on `tune_windows`, full or `top_log_probs`), kinds
     in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it was.
     Returns {"factors": {kind: f}, "ids": {kind: [token ids]}, "quiet_in": {kind: [Linear names
-    where some id met the threshold]}}.
+    where some id met the threshold]}, "kl": {kind: {factor: the mean KL it scored}}}.
 
     Why the kind's ids in every Linear of it, not each Linear's own: on Gemma-3, keying ' ' only
     in the down_projs where it passed the threshold (5 of 18, all 142 windows) took the static KL
@@ -725,7 +725,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
             quiet_in.setdefault(kind, []).append(n)
     ids = {k: uniq[hit].tolist() for k, hit in found.items() if hit.any()}
     if not ids:
-        return {"factors": {}, "ids": {}, "quiet_in": {}}
+        return {"factors": {}, "ids": {}, "quiet_in": {}, "kl": {}}
     keys = TokenKeys()
     keyed = [(n, m, k) for n, m, k in lins if k in ids]
     for _, m, k in keyed:
@@ -740,11 +740,12 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
         return _mean_kl(model, tune_windows, ref)
 
     best = score(factors)
+    tried = {k: {1.0: best} for k in factors}  # each factor's KL, the kinds before at their choice
     for kind in factors:
         for f in grid:
             if f == factors[kind]:
                 continue
-            kl = score(dict(factors, **{kind: f}))
+            kl = tried[kind][f] = score(dict(factors, **{kind: f}))
             if kl < best:
                 best, factors[kind] = kl, f
     score(factors)
@@ -755,4 +756,4 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     if not ids:
         for h in hooks:
             h.remove()
-    return {"factors": factors, "ids": ids, "quiet_in": quiet_in}
+    return {"factors": factors, "ids": ids, "quiet_in": quiet_in, "kl": tried}

@@ -408,6 +408,8 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
             m.token_scale.copy_(m.input_scale * f)
         kls[f] = kl(tuned.model)
     assert rec["factors"]["down_proj"] == min(kls, key=kls.get), kls
+    n = scored.numel()  # the recorded scores are those KLs per token
+    assert rec["kl"]["down_proj"] == pytest.approx({f: v / n for f, v in kls.items()}, rel=1e-4)
     with pytest.raises(OutlierqError, match="keys a static range by token id"):
         export(tuned.model, tmp_path / "ckpt", recipe=[], stats=tuned.stats)
 

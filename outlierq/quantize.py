@@ -104,7 +104,8 @@ class W8A8:
     # range_tune's, scored by `coarse_kl_sum` against the float model's top QUIET_TOPK tokens per
     # position (full log-probabilities are 537 MB per 512-token window on Gemma-3's vocabulary).
     # Why: range_tune's 4 windows hold ~10 quiet ' ' rows on Gemma-3; there they pick factor 0.7
-    # where the held-out probe (results/quiet_tokens_gemma3-270m.md) favours 0.3.
+    # where the held-out probe (results/quiet_tokens_gemma3-270m.md) favours 0.3. Measured: 32
+    # windows pick 0.7 too (results/ppl_gemma3-270m.md), so the study's best row keeps the default.
     quiet_tune: int = 0
 
     def __post_init__(self):

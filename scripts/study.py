@@ -118,15 +118,15 @@ ROWS = [
     ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune + quiet tokens",
      "smoothquant:alpha=0.8+rotate_down:inputs=all",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, quiet_tokens=("down_proj",))),
+    # and that range's factor tuned on 32 calibration windows in place of range_tune's 4 (W8A8.quiet_tune)
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune + quiet tokens tuned on 32 windows",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all",
+     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, quiet_tokens=("down_proj",), quiet_tune=32)),
     # both: each down_proj's own range factor, then the quiet range
     ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune, each down_proj + quiet tokens",
      "smoothquant:alpha=0.8+rotate_down:inputs=all",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, range_tune_each=("down_proj",),
           quiet_tokens=("down_proj",))),
-    # and that range's factor tuned on 32 calibration windows in place of range_tune's 4 (W8A8.quiet_tune)
-    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto + range tune + quiet tokens tuned on 32 windows",
-     "smoothquant:alpha=0.8+rotate_down:inputs=all",
-     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4, quiet_tokens=("down_proj",), quiet_tune=32)),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down + GPTQ + act clip + range tune",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),

@@ -113,13 +113,11 @@ def coarse_kl_sum(logits: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor, t
     idx, p_top, p_rest = ref
     total = 0.0
     for i in range(0, logits.shape[0], KL_CHUNK):
-        lq = F.log_softmax(logits[i:i + KL_CHUNK].float(), -1)
-        q_top = lq.gather(-1, idx[i:i + KL_CHUNK])
-        q_rest = _rest(lq, idx[i:i + KL_CHUNK])
-        pr = p_rest[i:i + KL_CHUNK]
-        kl = (p_top[i:i + KL_CHUNK].exp() * (p_top[i:i + KL_CHUNK] - q_top)).sum(-1)
-        # the bucket's term, 0 where the reference puts nothing in it
-        kl = kl + torch.where(pr > -torch.inf, pr.exp() * (pr - q_rest), torch.zeros_like(pr))
+        rows = slice(i, i + KL_CHUNK)
+        lq = F.log_softmax(logits[rows].float(), -1)
+        q_top, q_rest, pt, pr = lq.gather(-1, idx[rows]), _rest(lq, idx[rows]), p_top[rows], p_rest[rows]
+        # the bucket's term is 0 where the reference puts nothing in it
+        kl = (pt.exp() * (pt - q_top)).sum(-1) + torch.where(pr > -torch.inf, pr.exp() * (pr - q_rest), 0.0)
         total += kl.sum().item()
     return total
 

@@ -477,9 +477,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         raise OutlierqError("W8A8(range_tune=N) needs calibration token windows [S, L] "
                             "(quantize_(..., tune_windows=...); outlierq.compress passes its calibration windows, "
                             "or recalibrate_on= with statistics)")
-    if tune and max(config.range_tune, config.quiet_tune) > len(tune_windows):
-        raise OutlierqError(f"W8A8 tunes on {max(config.range_tune, config.quiet_tune)} calibration windows, "
-                            f"but {len(tune_windows)} were given: calibrate on more (--samples) or tune on fewer")
+    needed = max(config.range_tune, config.quiet_tune) if tune else 0
+    if tune and needed > len(tune_windows):
+        raise OutlierqError(f"W8A8 tunes on {needed} calibration windows, but {len(tune_windows)} were given: "
+                            "calibrate on more (--samples) or tune on fewer")
     spec = get_arch(model)
     if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
         raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
@@ -741,8 +742,9 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
         return _mean_kl(model, tune_windows, ref)
 
     best = score(factors)
-    tried = {k: {1.0: best} for k in factors}  # each factor's KL, the kinds before at their choice
+    tried: dict[str, dict[float, float]] = {}  # each factor's KL, the kinds before at their choice
     for kind in factors:
+        tried[kind] = {factors[kind]: best}
         for f in grid:
             if f == factors[kind]:
                 continue

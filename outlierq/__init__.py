@@ -6,6 +6,33 @@
 
 The steps one by one: calibrate -> mitigate -> quantize_ -> export (see README).
 """
+import importlib.machinery as _machinery
+import importlib.util as _util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _register_source_kernels() -> None:
+    """Make `outlierq.kernels` importable from a source checkout or an editable install.
+
+    The Triton kernels live in the repository's top-level `kernels/`, which has no __init__.py on
+    purpose: `python -m outlierq` and `torchrun -m` put the working directory first on sys.path, and
+    a regular package there named `kernels` would shadow PyPI's `kernels`, which transformers
+    imports. A folder without __init__.py is only a namespace portion, and a regular package later on
+    sys.path wins over it. A wheel copies the folder to outlierq/kernels/, found the ordinary way; a
+    checkout (and setuptools' editable finder, which needs an __init__.py) gets it registered here.
+    """
+    here = _Path(__file__).resolve().parent
+    src = here.parent / "kernels"
+    if (here / "kernels").is_dir() or not (src / "int8_gemm.py").is_file() or __name__ + ".kernels" in _sys.modules:
+        return
+    spec = _machinery.ModuleSpec(__name__ + ".kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(src)]
+    _sys.modules[spec.name] = _util.module_from_spec(spec)
+
+
+_register_source_kernels()
+
 from .calibration import ActivationStats, calibrate
 from .checkpoint import export, load
 from .detection import Criteria, detect

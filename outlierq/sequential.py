@@ -38,7 +38,7 @@ from . import allocator
 from .calibration import ActivationStats, batches, finish, head_skipped, recorder
 from .errors import OutlierqError
 from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, recipe_to_list
-from .models.arch import check_supported, decoder_layers, get_arch, resolve
+from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
 from .provenance import atomic_dir, check_target
 from .quantize import LLMInt8, W8A8, quantize_, quantizes_head
@@ -95,10 +95,11 @@ def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if getattr(cfg, "architectures", None):
-        check_supported(cfg.architectures[0])
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if get_arch(model).inferred:  # its structure is proven on a probe forward of the whole model
+        raise OutlierqError(f"{type(model).__name__}: layer by layer (--sequential) needs one of the "
+                            "hand-written families for now; run it in memory (without --sequential)")
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     prepare(model)

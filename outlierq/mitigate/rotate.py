@@ -191,6 +191,8 @@ def apply_rotate_heads(model: nn.Module, stats, cfg: RotateHeads, only: list[int
     rotate once, and every query head reading it carries the same Q."""
     spec = get_arch(model)
     pairs = [p for p in spec.pairs if p.kind == "attn_vo"]
+    if spec.inferred:  # the per-head layout below is read from the config, not proven
+        pairs = []
     if not pairs:
         warnings.warn(f"rotate_heads: the {spec.family} layout has no v -> o pair; not rotated",
                       OutlierqNotice, stacklevel=3)

@@ -148,11 +148,13 @@ def kron_rotation(n: int, seed: int, out_features: int = 0,
 @torch.no_grad()
 def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] | None = None):
     spec = get_arch(model)
-    consumers = [p.consumer for p in spec.pairs if p.kind == "mlp"]
-    if cfg.inputs == "all":
-        consumers = list(dict.fromkeys([n for g in spec.groups for n in g.linears] +
-                                       [p.consumer for p in spec.pairs]))
-    if not consumers:
+    def consumers_of(i: int) -> list[str]:  # (an inferred layout may differ from layer to layer)
+        if cfg.inputs != "all":
+            return [p.consumer for p in spec.pairs if p.kind == "mlp" and p.applies(i)]
+        return list(dict.fromkeys([n for g in spec.groups if g.applies(i) for n in g.linears] +
+                                  [p.consumer for p in spec.pairs if p.applies(i)]))
+
+    if not any(consumers_of(i) for i in range(len(decoder_layers(model, spec)))):
         warnings.warn(f"rotate_down: the {spec.family} layout has no dense MLP output projection; "
                       "not rotated", OutlierqNotice, stacklevel=3)
         return stats
@@ -160,7 +162,7 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
             continue
-        for name in consumers:
+        for name in consumers_of(i):
             lin = resolve(layer, name)
             if isinstance(lin, RotatedLinear):
                 raise OutlierqError(f"rotate_down: {spec.layers}.{i}.{name} is rotated already")

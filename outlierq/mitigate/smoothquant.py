@@ -135,6 +135,8 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
             continue
         pre = f"{spec.layers}.{i}."
         for g in spec.groups:
+            if not g.applies(i):
+                continue
             ex = resolve(layer, g.experts) if g.experts else None
             names = [pre + n for n in g.linears] + ([f"{pre}{g.experts}.gate_up"] if ex is not None else [])
             quantized = [resolve(layer, n).weight.detach() for n in g.linears if n not in spec.keep_float]
@@ -143,7 +145,7 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
             x_max = stats.input_absmax(names[0])
             w_max = torch.stack([w.abs().amax(0).float() for w in quantized]).amax(0)
             s, a = _choose(cfg, x_max, w_max, quantized, stats.samples.get(names[0]), x_max)
-            surgery.scale_norm_output(resolve(layer, g.norm), spec.norm_kind, s)
+            surgery.scale_norm_output(resolve(layer, g.norm), g.kind or spec.norm_kind, s)
             for n in g.linears:
                 surgery.scale_linear_input(resolve(layer, n), s)
             if g.router:  # the router reads the same norm: same scale, or routing changes
@@ -155,6 +157,8 @@ def apply_smoothquant(model: nn.Module, stats: ActivationStats, cfg: SmoothQuant
         if not cfg.pairs:
             continue
         for p in spec.pairs:
+            if not p.applies(i):
+                continue
             prod, cons = resolve(layer, p.producer), resolve(layer, p.consumer)
             name = pre + p.consumer
             x_max = stats.input_absmax(name)

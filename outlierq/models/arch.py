@@ -8,6 +8,7 @@ Adding a family = one builder here + one tiny-model row in tests/conftest.py."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -31,6 +32,11 @@ class NormGroup:
     linears: tuple[str, ...]
     router: str | None = None
     experts: str | None = None
+    layers: tuple[int, ...] | None = None   # the decoder layers that have it; None: every layer
+    kind: NormKind | None = None            # this norm's fold when it differs from ArchSpec.norm_kind
+
+    def applies(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class LinearPair:
     consumer: str
     kind: Literal["attn_vo", "mlp"]
     rows: RowMap | None = None
+    layers: tuple[int, ...] | None = None   # the decoder layers that have it; None: every layer
+
+    def applies(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ class ArchSpec:
     # each sublayer's output is normalised per token before it joins the residual stream
     # (Gemma-2/3's and OLMo-2's post norms): an error in a Linear counts relative to its token's norm
     output_norms: bool = False
+    # found by probing the model (models/infer.py) rather than written for its family
+    inferred: bool = False
 
     @property
     def router(self) -> str | None:
@@ -346,13 +358,18 @@ MULTIMODAL = {"Gemma3ForConditionalGeneration": ("gemma3", "model.language_model
 
 
 def arch_key(model: nn.Module) -> str:
-    """`config.architectures[0]`, falling back to the class name (GGUF loads leave it unset)."""
-    archs = getattr(model.config, "architectures", None)
-    return archs[0] if archs else type(model).__name__
+    """The class transformers built: it decides the structure, never a config's `architectures`
+    label alone (a Gemma 3n config labelled Gemma3ForCausalLM builds Gemma3nForCausalLM)."""
+    return type(model).__name__
+
+
+_INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
 
 
 def get_arch(model: nn.Module) -> ArchSpec:
-    """The family's description, or one error line naming the family and what is supported."""
+    """The family's hand-written description (the 20 families measured before inference existed:
+    tests/test_infer.py holds inference equal to them), else the structure inferred from the
+    model and proven on a probe forward (models/infer.py), computed once per model."""
     key = arch_key(model)
     if key in MULTIMODAL:
         family, root = MULTIMODAL[key]
@@ -362,15 +379,21 @@ def get_arch(model: nn.Module) -> ArchSpec:
             final_norm=f"{root}.norm",
             notes=base.notes + ("multimodal Gemma 3: only the language model is mitigated and "
                                 "quantized; the vision tower and projector stay float",))
-    check_supported(key)
-    return ARCHS[key](model.config)
+    if key in ARCHS:
+        return ARCHS[key](model.config)
+    spec = _INFERRED.get(model)
+    if spec is None:
+        from .infer import infer_arch
+        spec = infer_arch(model)
+        if any("not probed" in n for n in spec.notes):
+            return spec  # probe again once the weights are in memory
+        _INFERRED[model] = spec
+    return spec
 
 
-def check_supported(key: str) -> None:
-    """One error line naming an unsupported architecture and listing the supported ones."""
-    if key not in ARCHS and key not in MULTIMODAL:
-        raise OutlierqError(f"unsupported architecture {key!r}; supported: "
-                            f"{', '.join(sorted(list(ARCHS) + list(MULTIMODAL)))}")
+def forget_arch(model: nn.Module) -> None:
+    """Drop a cached inferred spec (after surgery that changes the structure)."""
+    _INFERRED.pop(model, None)
 
 
 def resolve(root: nn.Module, path: str) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import OutlierqError, OutlierqNotice
 from ..provenance import atomic_dir
-from .arch import arch_key, check_supported
+from .arch import arch_key
 from .prepare import prepare
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -142,6 +142,23 @@ def check_weight_files(d: Path) -> None:
                             "save_pretrained(safe_serialization=True) in a trusted environment")
 
 
+def _check_loaded(spec: str, model: torch.nn.Module, archs, info: dict) -> None:
+    """The class transformers built decides (a label naming another class is said once), and a
+    checkpoint missing tensors its config asks for is refused: transformers would fill them with
+    random values."""
+    built = type(model).__name__
+    if archs and archs[0] != built:
+        warnings.warn(f"{spec}: config.json labels the model {archs[0]} but transformers builds {built} "
+                      f"from its model_type; outlierq works on {built}", OutlierqNotice, stacklevel=3)
+        model.config.architectures = [built]
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise OutlierqError(f"could not load model {spec!r}: the checkpoint has no tensor {sorted(missing)[0]!r} "
+                            f"that its config asks for ({len(missing)} missing); transformers would fill "
+                            "them with random values")
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Return (model, tokenizer), in eval mode with gradients off."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -168,12 +185,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
     try:
         # Never run a model's own code, never unpickle: custom-code models are not supported,
         # and only safetensors weights are read.
-        archs = getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "architectures", None)
-        if archs:  # before the tokenizer and the weights: unsupported families fail at once
-            check_supported(archs[0])
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        archs = getattr(config, "architectures", None)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True)
     except OutlierqError:
         raise
     except Exception as e:  # noqa: BLE001  (transformers raises OSError, ValueError, safetensors errors)
@@ -183,6 +199,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             first = "it needs its own Python code (trust_remote_code); custom-code models are not supported"
         raise OutlierqError(f"could not load model {spec!r}: {first}{hint}") from None
+    _check_loaded(spec, model, archs, info)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     prepare(model)  # unsupported architectures fail here, before any work; Conv1D -> Linear

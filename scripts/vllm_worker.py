@@ -1,0 +1,54 @@
+"""Serve one checkpoint in vLLM and score token windows: run by scripts/serve_check.py with the
+Python of vLLM's own environment (.venv-vllm), never outlierq's (vLLM pins its own torch and
+transformers). Reads a JSON job on stdin, writes one JSON line on stdout.
+
+job: {"model": dir, "windows": [[ids...], ...], "dtype": "float32"|"bfloat16", "generate": [ids...],
+      "gen_tokens": N, "kv_gib": G}
+out: {"nll": [per-window sum of -log p over predicted tokens], "tokens": [...], "argmax": [[ids]],
+      "logprobs": [[per-token log p]], "greedy": [ids], "prefill_tok_s": x, "decode_tok_s": y,
+      "vllm": version, "load_s": seconds}"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+MARK = "OUTLIERQ_RESULT "  # vLLM logs to stdout too: the result is the line with this prefix
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_gib", 1)))
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    windows = job["windows"]
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=max(len(w) for w in windows) + 8,
+              enforce_eager=True, seed=0, tokenizer=job["model"])
+    load_s = time.perf_counter() - t0
+    # prompt_logprobs=1: each position's actual token and its most likely one (for top-1 agreement)
+    score = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    t = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], score, use_tqdm=False)
+    prefill_s = time.perf_counter() - t
+    nll, logprobs, argmax = [], [], []
+    for w, o in zip(windows, outs):
+        lps = [d[tok].logprob for tok, d in zip(w[1:], o.prompt_logprobs[1:])]
+        argmax.append([next(k for k, v in d.items() if v.rank == 1) for d in o.prompt_logprobs[1:]])
+        logprobs.append(lps)
+        nll.append(-sum(lps))
+    gen = SamplingParams(max_tokens=job.get("gen_tokens", 32), temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    g = llm.generate([TokensPrompt(prompt_token_ids=job["generate"])], gen, use_tqdm=False)[0]
+    decode_s = time.perf_counter() - t
+    greedy = list(g.outputs[0].token_ids)
+    print(MARK + json.dumps({"nll": nll, "tokens": [len(w) - 1 for w in windows], "argmax": argmax, "logprobs": logprobs,
+                      "greedy": greedy, "prefill_tok_s": sum(len(w) for w in windows) / prefill_s,
+                      "decode_tok_s": len(greedy) / decode_s, "vllm": vllm.__version__, "load_s": load_s}))
+
+
+if __name__ == "__main__":  # vLLM's engine starts a worker process: the guard is required
+    main()

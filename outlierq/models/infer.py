@@ -136,8 +136,9 @@ def _pow2(n: int, g: torch.Generator) -> torch.Tensor:
 
 # ---- norm groups --------------------------------------------------------------------------------
 @torch.no_grad()
-def _readers(model: nn.Module, layers: nn.ModuleList) -> list[dict[str, tuple]]:
-    """Per layer: norm path -> (Linears, routers, experts) that read its output, by one probe forward."""
+def _readers(model: nn.Module, layers: nn.ModuleList) -> tuple[list[dict[str, tuple]], set[str]]:
+    """Per layer: norm path -> (Linears, routers, experts) that read its output, by one probe forward;
+    and the Linears that were never called (their weight is read directly, e.g. Mamba's dt_proj)."""
     outs: dict[tuple[int, str], tuple[int, torch.Tensor]] = {}
     ins: dict[tuple[int, str], tuple[int, torch.Tensor, str]] = {}
     clock = [0]
@@ -174,6 +175,9 @@ def _readers(model: nn.Module, layers: nn.ModuleList) -> list[dict[str, tuple]]:
     finally:
         for h in handles:
             h.remove()
+    called = {(i, path) for (i, path), (_, _, role) in ins.items() if role == "linear"}
+    idle = {path for i, layer in enumerate(layers) for path, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and (i, path) not in called}
     per_layer: list[dict[str, tuple]] = [dict() for _ in layers]
     found: list[dict[str, dict[str, list[str]]]] = [defaultdict(lambda: defaultdict(list)) for _ in layers]
     for (i, path), (t_in, x, role) in ins.items():
@@ -183,7 +187,7 @@ def _readers(model: nn.Module, layers: nn.ModuleList) -> list[dict[str, tuple]]:
     for i, groups in enumerate(found):
         for norm, roles in groups.items():
             per_layer[i][norm] = (tuple(sorted(roles["linear"])), tuple(roles["router"]), tuple(roles["experts"]))
-    return per_layer
+    return per_layer, idle
 
 
 def _fold_norm_group(layer: nn.Module, g: NormGroup, kind: str, s: torch.Tensor) -> None:
@@ -213,7 +217,9 @@ def _prove_group(model, layers, g: NormGroup, where: list[int], ids, ref) -> str
         return None
     gen = torch.Generator().manual_seed(1)
     s = _pow2(norm.weight.shape[-1], gen)
-    for kind in KINDS:
+    # a zero bias cannot tell LayerNorm's fold from RMSNorm's: a norm with a bias is tried as LayerNorm first
+    kinds = ("layernorm",) + KINDS if getattr(norm, "bias", None) is not None else KINDS
+    for kind in kinds:
         touched = [p for i in where for p in _params(layers[i], (g.norm, g.router, g.experts) + g.linears)]
         with _saved(touched):
             try:
@@ -245,10 +251,11 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
 
         def perturb(m, args, out):
-            if out.shape[0] != n + 1:
+            if out.shape[0] % (n + 1):
                 raise _Stop
-            out = out.clone()
-            out[torch.arange(n), ..., r] *= 2.0
+            out = out.clone()  # [n + 1, T, R], or tokens flattened to [(n + 1) T, R] (MoE blocks)
+            view = out.view(n + 1, -1, out.shape[-1])
+            view[torch.arange(n), :, r] *= 2.0
             return out
 
         def grab(path):
@@ -269,7 +276,7 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
             for h in hs:
                 h.remove()
         for c, x in seen.items():
-            if c in bad or x.shape[0] != n + 1:
+            if c in bad or x.shape[0] % (n + 1):
                 bad.add(c)
                 continue
             x = x.float().reshape(n + 1, -1, x.shape[-1])
@@ -386,8 +393,8 @@ def infer_arch(model: nn.Module) -> ArchSpec:
                 keep_float=sk["keep_float"], writers=(), pairs=(), groups=(), norm_kind="rms")
     notes = list(sk["notes"])
     layers = model.get_submodule(sk["layers"])
-    probeable = (not any(p.is_meta for p in model.parameters())
-                 and all(type(m) is nn.Linear or not isinstance(m, nn.Linear) for m in model.modules())
+    probeable = (not any(p.is_meta or not p.is_floating_point() for p in model.parameters())
+                 and not any(b.dtype == torch.int8 for b in model.buffers())  # an int8 model: nothing to fold
                  and not any(is_conv1d(m) for m in layers.modules()))
     if not probeable:
         notes.append("structure not probed (weights not in memory, not float, or Conv1D not yet "
@@ -399,7 +406,12 @@ def infer_arch(model: nn.Module) -> ArchSpec:
     ref = _logits(model, ids)
     # norm groups: (norm, readers) -> the layers that have it
     where: dict[tuple, list[int]] = defaultdict(list)
-    for i, groups in enumerate(_readers(model, layers)):
+    per_layer, idle = _readers(model, layers)
+    if idle:  # a module swap cannot quantize what the model never calls: it stays float
+        notes.append(f"stay float: {', '.join(sorted(idle))} (never called as a module: the model reads its "
+                     "weight directly)")
+        base["keep_float"] = tuple(sorted(set(base["keep_float"]) | idle))
+    for i, groups in enumerate(per_layer):
         for norm, (lins, routers, experts) in groups.items():
             where[(norm, lins, routers, experts)].append(i)
     groups, kinds = [], []

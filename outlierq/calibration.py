@@ -250,8 +250,9 @@ def expected_inputs(model: nn.Module, spec: ArchSpec | None = None) -> dict[str,
     """Every input calibration records -> its channel count: the decoder layers' Linears, the
     output head, and for MoE layers the experts' shared input and each expert's down input."""
     spec = spec or get_arch(model)
+    uncalled = tuple("." + u for u in spec.uncalled)
     out = {n: m.in_features for n, m in model.named_modules()
-           if isinstance(m, nn.Linear) and n.startswith(spec.layers + ".")}
+           if isinstance(m, nn.Linear) and n.startswith(spec.layers + ".") and not n.endswith(uncalled)}
     head = output_head(model)
     if head is not None:
         out[module_name(model, head)] = head.in_features

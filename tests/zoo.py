@@ -61,6 +61,13 @@ def build(model_type: str, seed: int = SEED, dtype=torch.float32):
     return model.eval().requires_grad_(False)
 
 
+def model_types() -> list[str]:
+    """Every model type transformers maps to a causal-LM class, sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
 def decoder_only(model_type: str) -> str | None:
     """Why the contract suite skips `model_type`, or None. The mapping also lists encoder-decoder
     decoders, masked LMs with an LM head, speech and music decoders and multimodal wrappers."""

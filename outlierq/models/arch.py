@@ -100,6 +100,8 @@ class ArchSpec:
     output_norms: bool = False
     # found by probing the model (models/infer.py) rather than written for its family
     inferred: bool = False
+    # Linears the model never calls (it reads their weight directly): float, and not calibrated
+    uncalled: tuple[str, ...] = ()
 
     @property
     def router(self) -> str | None:

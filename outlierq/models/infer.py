@@ -30,7 +30,9 @@ from .arch import ArchSpec, LinearPair, NormGroup
 KINDS = ("rms", "rms_offset", "layernorm")
 PROBE_TOKENS = 32
 TOL = 1e-5          # relative change of the logits a proof allows (Gemma's (1 + w) fold rounds)
-ROW_CHUNK = 256     # producer rows perturbed per forward (each a batch element)
+ROW_CHUNK = 256     # batch elements per perturbation forward
+WIDE, BLOCK = 1024, 8  # producers wider than WIDE rows perturb BLOCK rows per batch element
+PAIR_TOKENS = 16    # tokens of the pair probe (it runs one layer per batch element)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -96,10 +98,10 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def probe_ids(model: nn.Module, batch: int = 1) -> torch.Tensor:
+def probe_ids(model: nn.Module, batch: int = 1, tokens: int = PROBE_TOKENS) -> torch.Tensor:
     vocab = getattr(_text_config(model), "vocab_size", None) or model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, max(4, min(vocab, 32000)), (1, PROBE_TOKENS), generator=g)
+    ids = torch.randint(3, max(4, min(vocab, 32000)), (1, tokens), generator=g)
     return ids.expand(batch, -1).to(next(p.device for p in model.parameters() if not p.is_meta))
 
 
@@ -245,9 +247,15 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
     clean: dict[str, torch.Tensor] = {c: torch.full((m.in_features,), -1, dtype=torch.long)
                                       for c, m in consumers.items()}
     bad = set()
-    for start in range(0, rows, ROW_CHUNK):
-        r = torch.arange(start, min(rows, start + ROW_CHUNK))
-        n = r.numel()
+    # Wide producers (MLPs of real models): each batch element scales a block of k adjacent rows,
+    # row j of the block by 2^(j+1); a channel's exact ratio then names its row. A block that mixes
+    # kinds of rows (a q row beside a v row) is lost, so small producers keep one row per element.
+    k = 1 if rows <= WIDE else BLOCK
+    factors = torch.pow(2.0, torch.arange(1, k + 1, dtype=torch.float32))
+    blocks = torch.arange(rows).split(k)
+    for start in range(0, len(blocks), ROW_CHUNK):
+        mine = blocks[start:start + ROW_CHUNK]
+        n = len(mine)
         seen: dict[str, torch.Tensor] = {}
 
         def perturb(m, args, out):
@@ -255,7 +263,8 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
                 raise _Stop
             out = out.clone()  # [n + 1, T, R], or tokens flattened to [(n + 1) T, R] (MoE blocks)
             view = out.view(n + 1, -1, out.shape[-1])
-            view[torch.arange(n), :, r] *= 2.0
+            for b, rs in enumerate(mine):
+                view[b, :, rs] *= factors[: rs.numel()]
             return out
 
         def grab(path):
@@ -269,7 +278,7 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
         hs = [prod.register_forward_hook(perturb), layer.register_forward_hook(stop)]
         hs += [m.register_forward_pre_hook(grab(p)) for p, m in consumers.items()]
         try:
-            model(input_ids=probe_ids(model, n + 1), use_cache=False)
+            model(input_ids=probe_ids(model, n + 1, PAIR_TOKENS), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -282,18 +291,19 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
             x = x.float().reshape(n + 1, -1, x.shape[-1])
             base = x[-1]
             scale = base.abs().amax().clamp(min=1e-30)
-            moved, doubled = [], []  # [n, C] each, a few rows at a time (x may be [512, T, wide])
-            for part in x[:-1].split(32):
-                moved.append(((part - base).abs() > TOL * scale).any(1))
-                doubled.append(((part - 2 * base).abs() <= TOL * scale).all(1))
-            moved, doubled = torch.cat(moved), torch.cat(doubled)
-            for b in moved.any(1).nonzero()[:, 0].tolist():
-                ch = moved[b]
-                if not bool(doubled[b][ch].all()):
-                    continue  # not a clean scaling (a q or k row, a gate row): not this pair's row
-                if bool((clean[c][ch] >= 0).any()):
+            for b, rs in enumerate(mine):
+                moved = ((x[b] - base).abs() > TOL * scale).any(0)          # [C]
+                if not bool(moved.any()):
+                    continue
+                hit = torch.full((x.shape[-1],), -1, dtype=torch.long)
+                for j in range(rs.numel()):  # the channels each row's factor explains exactly
+                    exact = ((x[b] - factors[j] * base).abs() <= TOL * scale).all(0) & moved
+                    hit[exact & (hit < 0)] = int(rs[j])
+                if bool((hit[moved] < 0).any()):
+                    continue  # not a clean scaling (a q or k row, a gate row): not this pair's rows
+                if bool((clean[c][moved] >= 0).any()):
                     bad.add(c)  # two rows feed one channel
-                clean[c][ch] = int(r[b])
+                clean[c][moved] = hit[moved]
     out = {}
     for c, m in clean.items():
         if c in bad:

@@ -75,6 +75,58 @@ def markdown(rec: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+# The 2025-26 architectures users brought (issue 28) -> their model types here
+TARGETS = {"SmolLM3": "smollm3", "Llama 4 (text)": "llama4_text", "DeepSeek-V3": "deepseek_v3", "gpt-oss": "gpt_oss",
+           "Qwen3-Next": "qwen3_next", "Qwen3.5": "qwen3_5_text", "GLM-4": "glm4", "GLM-4.5-MoE": "glm4_moe",
+           "Olmo 3": "olmo3", "OLMoE": "olmoe", "EXAONE 4": "exaone4", "ERNIE 4.5": "ernie4_5",
+           "ERNIE 4.5 MoE": "ernie4_5_moe", "Hunyuan": "hunyuan_v1_dense", "Seed-OSS": "seed_oss",
+           "Apertus": "apertus", "Ministral 3": "ministral3", "Cohere 2": "cohere2", "Gemma 1": "gemma",
+           "Gemma 3n": "gemma3n_text", "Gemma 4": "gemma4_text", "StarCoder2": "starcoder2", "BLOOM": "bloom",
+           "Granite MoE": "granitemoe", "Granite 4 hybrid": "granitemoehybrid", "Phi-3.5-MoE": "phimoe",
+           "MiniMax-M2": "minimax_m2", "LFM2": "lfm2", "Hunyuan MoE": "hunyuan_v1_moe"}
+
+
+def readme_block(rec: dict) -> str:
+    rows = {r["model_type"]: r for r in rec["rows"]}
+    tested = [r for r in rec["rows"] if "skipped" not in r]
+    good = [r["model_type"] for r in tested if ok(r)]
+    bad = [r for r in tested if not ok(r)]
+    proven = [r["model_type"] for r in tested if "error" not in r and (r["groups"] or r["pairs"])]
+    t_ok = [name for name, mt in TARGETS.items() if mt in rows and ok(rows[mt])]
+    t_sq = [name for name, mt in TARGETS.items() if mt in rows and "error" not in rows[mt] and rows[mt]["groups"]]
+    out = [f"- **{len(good)} of {len(tested)}** decoder-only classes meet the whole contract (every decoder "
+           "Linear int8, SmoothQuant on the proven groups keeps the logits within 1e-5, the export reloads "
+           "bit-identically in outlierq and loads in transformers); "
+           f"{len(proven)} have at least one proven group or pair (git {rec['git_sha'][:12]}).",
+           f"- The 2025-26 architectures users brought: {len(t_ok)} of {len(TARGETS)} meet the contract, "
+           f"{len(t_sq)} with at least one proven SmoothQuant norm group: {', '.join(t_ok)}.",
+           f"- Meet the contract: {', '.join(good)}."]
+    if bad:
+        out.append("- Do not yet: " + "; ".join(
+            f"{r['model_type']} ({r['error'] if 'error' in r else 'contract: ' + _why(r)})" for r in bad) + ".")
+    out.append(f"- Skipped ({len(rec['rows']) - len(tested)}): encoders and encoder-decoder decoders, multimodal "
+               "wrappers whose text model is its own entry, and configs too big for a test machine (reasons in the table).")
+    return "\n".join(out)
+
+
+def _why(r: dict) -> str:
+    if r["smoothquant_rel"] > 1e-5:
+        return f"SmoothQuant moved the logits {r['smoothquant_rel']:.1e}"
+    if r["float_linears_left"]:
+        return "float Linears left"
+    if not r["reload_bit_identical"]:
+        return "reload differs"
+    return str(r["transformers_rel"])[:100]
+
+
+def fill_readme(block: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = "<!-- families:start -->\n", "<!-- families:end -->"
+    start, end = text.index(a) + len(a), text.index(b)
+    write_text(readme, text[:start] + block + "\n" + text[end:])
+
+
 def main(argv: list[str]) -> None:
     types = argv or model_types()
     rows = []
@@ -89,6 +141,7 @@ def main(argv: list[str]) -> None:
                    "(seed 1); per-token W8A8 after SmoothQuant alpha=0.5.", "rows": rows, **stamp()}
     write_json(ROOT / "results" / "families_tiny.json", rec)
     write_text(ROOT / "results" / "families_tiny.md", markdown(rec))
+    fill_readme(readme_block(rec))
 
 
 if __name__ == "__main__":

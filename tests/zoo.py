@@ -34,6 +34,12 @@ def tiny_config(model_type: str):
     aliases = getattr(default, "attribute_map", {})
     keys = set(default.to_dict()) | set(aliases)
     over = {k: v for k, v in SMALL.items() if k in keys}
+    for k, v in default.to_dict().items():  # other MLP widths and low ranks a family names its own way
+        if isinstance(v, int) and not isinstance(v, bool) and k not in over:
+            if k.endswith("intermediate_size") and v > 128:
+                over[k] = 128
+            elif k.endswith("_lora_rank") and v > 32:
+                over[k] = 32
     if "kv_lora_rank" in keys:  # multi-head latent attention: the rotary part is the head dim
         over["head_dim"] = SMALL["qk_rope_head_dim"]
     if "mamba_expand" in keys or model_type.startswith("mamba"):

@@ -105,6 +105,10 @@ TOO_BIG = {"blt": "byte-latent model: its hash embeddings alone take 12 GB at an
            "emu3": "image-token vocabulary and VQ model allocated at full size", "fuyu": "multimodal wrapper"}
 
 
+class Unbuildable(Exception):
+    """This file could not make a tiny model of the family (a limit of the shrinking, not of outlierq)."""
+
+
 def contract(model_type: str, tmp) -> dict:
     """The contract every causal LM must meet (tests/test_contract.py, scripts/families.py):
     SmoothQuant with the inferred groups keeps the logits (1e-5 relative), per-token W8A8 makes every
@@ -122,7 +126,13 @@ def contract(model_type: str, tmp) -> dict:
     from outlierq.models.prepare import prepare
     from outlierq.quantize import Int8Linear, W8A8
 
-    model = prepare(build(model_type))
+    try:
+        model = build(model_type)
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 100, (1, 8)), use_cache=False)
+    except Exception as e:  # noqa: BLE001
+        raise Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    model = prepare(model)
     spec = get_arch(model)
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(1)

@@ -20,12 +20,12 @@ KNOWN = {r["model_type"]: r["error"] for r in json.loads(_RESULTS.read_text()).g
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("model_type", model_types())
-def test_contract(model_type, tmp_path):
+def test_contract(model_type, tmp_path, request):
     why = decoder_only(model_type)
     if why:
         pytest.skip(why)
-    if model_type in KNOWN:
-        pytest.xfail(f"fails in results/families_tiny.json: {KNOWN[model_type]}")
+    if model_type in KNOWN:  # still run: a pass shows as XPASS
+        request.applymarker(pytest.mark.xfail(reason=f"fails in results/families_tiny.json: {KNOWN[model_type]}"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

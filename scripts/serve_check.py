@@ -38,6 +38,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
+def fill_readme(rows: list[dict]) -> None:
+    """The README's served table: the rows of results/served.json, as served.md shows them."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = "<!-- served:start -->\n", "<!-- served:end -->"
+    body = "\n".join(table(rows).splitlines()[4:])  # (the header and its explanation are above it)
+    start, end = text.index(a) + len(a), text.index(b)
+    write_text(readme, text[:start] + body + "\n" + text[end:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--model", required=True, help="the float model (built-in name or HF directory)")
@@ -48,7 +58,15 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=None, help="default: all")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=str(ROOT / "results" / "served.json"))
+    ap.add_argument("--render", action="store_true",
+                    help="only re-render --out's table (served.md) and the README's served block from its JSON")
     a = ap.parse_args(argv)
+    if a.render:
+        import json
+        rows = json.loads(Path(a.out).read_text())["rows"]
+        write_text(Path(a.out).with_suffix(".md"), table(rows))
+        fill_readme(rows)
+        return 0
     try:
         exports = [e.rsplit(":", 2) for e in a.export]
         if any(len(e) != 3 or e[2] not in ("token", "tensor") for e in exports):

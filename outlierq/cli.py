@@ -4,6 +4,7 @@ Bad input raises OutlierqError, printed as one line; exit code 2, nothing writte
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,14 +14,19 @@ from .pipeline import DEFAULT_RECIPE
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (and exit code 2), like every other error."""
+    """argparse, but a bad flag is one line (and exit code 2), like every other error, and no flag
+    is taken by an abbreviation (`--npro 2` was read as --nproc, then crashed the launcher)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _count(minimum: int):
-    """An int flag that must be >= minimum, checked before any work."""
+def _count(minimum: int, maximum: int | None = None):
+    """An int flag that must be >= minimum (and <= maximum), checked before any work."""
     def parse(v: str) -> int:
         try:
             n = int(v)
@@ -28,6 +34,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
         if n < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        if maximum is not None and n > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum} (this machine's CPU count), got {n}")
         return n
     return parse
 
@@ -61,7 +69,7 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="one decoder layer in memory at a time (models bigger than memory; chosen "
                         "automatically, with a notice, when the float model would not fit)")
-    p.add_argument("--nproc", type=_count(1), default=1,
+    p.add_argument("--nproc", type=_count(1, os.cpu_count() or 1), default=1,
                    help="data-parallel calibration over N processes on torch.distributed (launches "
                         "torchrun; or run under torchrun yourself)")
 

@@ -109,6 +109,10 @@ class W8A8:
     quiet_tune: int = 0
 
     def __post_init__(self):
+        for field in ("skip", "token_for"):  # a bare string would be read letter by letter
+            if isinstance(getattr(self, field), str):
+                raise OutlierqError(f"W8A8({field}=...) takes a tuple of target patterns, got the string "
+                                    f"{getattr(self, field)!r}: write ({getattr(self, field)!r},)")
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
         if self.range_tune and self.act != "tensor":

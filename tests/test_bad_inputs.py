@@ -298,3 +298,21 @@ def test_slow_bf16_cpu_is_announced(model_dir, monkeypatch):
     monkeypatch.setattr(gemm, "cpu_slowdown", lambda dtype: 31.0)
     with pytest.warns(OutlierqNotice, match="31x slower than float32"):
         load_model(str(model_dir), "bfloat16")
+
+
+def test_abbreviated_flags_and_too_many_processes_get_one_line(capsys):
+    from outlierq.cli import main
+
+    for argv in (["calibrate", "--model", "x", "--npro", "2"], ["calibrate", "--model", "x", "--nproc", "100000"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "error" in err[0], err
+
+
+def test_scheme_patterns_must_be_tuples():
+    from outlierq.errors import OutlierqError
+    from outlierq.quantize import W8A8
+
+    with pytest.raises(OutlierqError, match="takes a tuple"):
+        W8A8(skip="lm_head")

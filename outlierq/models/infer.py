@@ -291,19 +291,21 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
             x = x.float().reshape(n + 1, -1, x.shape[-1])
             base = x[-1]
             scale = base.abs().amax().clamp(min=1e-30)
-            for b, rs in enumerate(mine):
-                moved = ((x[b] - base).abs() > TOL * scale).any(0)          # [C]
-                if not bool(moved.any()):
-                    continue
-                hit = torch.full((x.shape[-1],), -1, dtype=torch.long)
-                for j in range(rs.numel()):  # the channels each row's factor explains exactly
-                    exact = ((x[b] - factors[j] * base).abs() <= TOL * scale).all(0) & moved
-                    hit[exact & (hit < 0)] = int(rs[j])
-                if bool((hit[moved] < 0).any()):
-                    continue  # not a clean scaling (a q or k row, a gate row): not this pair's rows
-                if bool((clean[c][moved] >= 0).any()):
-                    bad.add(c)  # two rows feed one channel
-                clean[c][moved] = hit[moved]
+            first = torch.tensor([int(rs[0]) for rs in mine])               # each element's first row
+            size = torch.tensor([rs.numel() for rs in mine])
+            d = x[:-1] - base                                                # [n, T, C]
+            moved = (d.abs() > TOL * scale).any(1)                           # [n, C]
+            hit = torch.full(moved.shape, -1, dtype=torch.long)              # which factor explains it
+            for j in range(k):  # (k is 1 or 8: a few passes over [n, T, C])
+                exact = ((x[:-1] - factors[j] * base).abs() <= TOL * scale).all(1) & moved & (j < size)[:, None]
+                hit[exact & (hit < 0)] = j
+            clean_el = ~(moved & (hit < 0)).any(1)  # a q/k or gate row moves channels no factor explains
+            use = moved & clean_el[:, None]
+            if bool((use.sum(0) > 1).any()) or bool((clean[c][use.any(0)] >= 0).any()):
+                bad.add(c)  # two rows feed one channel
+                continue
+            rows_of = (first[:, None] + hit).masked_fill(~use, -1).amax(0)  # [C]
+            clean[c][use.any(0)] = rows_of[use.any(0)]
     out = {}
     for c, m in clean.items():
         if c in bad:

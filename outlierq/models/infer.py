@@ -259,9 +259,9 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
 
         def perturb(m, args, out):
-            if out.shape[0] % (n + 1):
+            if out.shape[0] % (n + 1) or out.shape[-1] != rows:
                 raise _Stop
-            out = out.clone()  # [n + 1, T, R], or tokens flattened to [(n + 1) T, R] (MoE blocks)
+            out = out.clone(memory_format=torch.contiguous_format)  # [n + 1, T, R] or [(n + 1) T, R] (MoE)
             view = out.view(n + 1, -1, out.shape[-1])
             for b, rs in enumerate(mine):
                 view[b, :, rs] *= factors[: rs.numel()]
@@ -469,7 +469,12 @@ def infer_arch(model: nn.Module) -> ArchSpec:
     for sig, i in firsts.items():
         same = [j for j, layer in enumerate(layers) if _signature(layer) == sig]
         for prod, _ in sig:
-            for cons, cmap in _pair_maps(model, layers, i, prod).items():
+            try:
+                found = _pair_maps(model, layers, i, prod)
+            except (RuntimeError, IndexError, ValueError) as e:  # a layout the probe cannot batch
+                notes.append(f"no pair probed from {prod}: {type(e).__name__}")
+                found = {}
+            for cons, cmap in found.items():
                 if cons in grouped:
                     continue
                 kind = "attn_vo" if re.search(r"attn|attention", cons) else "mlp"

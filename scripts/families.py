@@ -4,6 +4,7 @@ stays float, whether SmoothQuant on the proven groups keeps the logits, and whet
 W8A8 export reloads in outlierq (bit-identical) and in transformers.
 
     python scripts/families.py            # writes results/families_tiny.json and .md
+    python scripts/families.py --part 0/2 & python scripts/families.py --part 1/2; python scripts/families.py --merge 2
     python scripts/families.py llama olmoe   # only these model types (printed, not written)
 
 Tiny random models: these rows check the machinery (exactness, reload), not model quality."""
@@ -150,14 +151,37 @@ def fill_readme(block: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    types = argv or model_types()
+    """No arguments: every class. `--part K/N`: every N-th class from the K-th (run N parts side by
+    side, one per core), then `--merge N` writes the record of all parts. Model types: just those."""
+    import json
+
+    if argv[:1] == ["--merge"]:
+        parts = [json.loads((ROOT / "results" / f"families_tiny.part{k}.json").read_text()) for k in range(int(argv[1]))]
+        if len({p["git_sha"] for p in parts}) != 1:
+            raise SystemExit("the parts come from different commits: run them again")
+        order = {mt: i for i, mt in enumerate(model_types())}
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order[r["model_type"]])
+        st = {k: v for k, v in parts[0].items() if k not in ("rows", "complete", "what")}
+        write(rows, all(p["complete"] for p in parts), st)
+        for k in range(int(argv[1])):
+            (ROOT / "results" / f"families_tiny.part{k}.json").unlink()
+        return
+    part = None
+    if argv[:1] == ["--part"]:
+        k, n = map(int, argv[1].split("/"))
+        part, types, argv = k, model_types()[k::n], []
+    else:
+        types = argv or model_types()
     st = stamp()  # before the first write: the README block this run fills is not a code change
     rows = []
     for mt in types:
         rows.append(run(mt))
         r = rows[-1]
         print(mt, "skipped" if "skipped" in r else r.get("error") or ("ok" if ok(r) else "FAILS CONTRACT"), flush=True)
-        if not argv:
+        if part is not None:
+            write_json(ROOT / "results" / f"families_tiny.part{part}.json",
+                       {"rows": rows, "complete": len(rows) == len(types), **st})
+        elif not argv:
             write(rows, len(rows) == len(types), st)
 
 

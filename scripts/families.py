@@ -82,7 +82,7 @@ def markdown(rec: dict) -> str:
           f"{rec['versions'].get('transformers')}.", "",
           f"**{sum(ok(r) for r in tested)} of {len(tested)}** decoder-only classes meet the whole contract; "
           f"{len(rows) - len(tested)} entries of the mapping are skipped (reasons at the end)"
-          f"{'' if rec.get('complete') else '; the run was stopped before the end of the mapping, so later classes are not listed'}. "
+          f"{'' if rec.get('complete') else '; the run stopped before the end of the mapping (later classes missing)'}. "
           "Groups: a norm and the Linears one SmoothQuant scale serves; pairs: producer -> consumer with a "
           "proven row map. SQ keeps logits: max |change| / max |logit| after SmoothQuant alpha=0.5 on the "
           "proven groups and pairs. Hand: the family's hand-written description, which inference reproduces "
@@ -96,9 +96,10 @@ def markdown(rec: dict) -> str:
         tr = r["transformers_rel"]
         tr = f"{tr:.1e}" if isinstance(tr, float) else tr
         notes = [n for n in r["notes"] if n.startswith(("not smoothed", "stay float", "MoE", "post-norm"))]
+        left = f" (float left: {', '.join(r['float_linears_left'][:3])})" if r["float_linears_left"] else ""
         md.append(f"| {r['model_type']} | {r['class']}{' (hand)' if not r['inferred'] else ''} | "
                   f"{'<br>'.join(r['groups']) or '-'} | {'<br>'.join(r['pairs']) or '-'} | {r['smoothquant_rel']:.1e} | "
-                  f"{r['int8_linears']}{' (float left: ' + ', '.join(r['float_linears_left'][:3]) + ')' if r['float_linears_left'] else ''} | "
+                  f"{r['int8_linears']}{left} | "
                   f"{'bit-identical' if r['reload_bit_identical'] else 'DIFFERS'} | {tr} | {'<br>'.join(notes) or '-'} |")
     md += ["", "## Skipped", ""]
     md += [f"- {r['model_type']}: {r['skipped']}" for r in rows if "skipped" in r]
@@ -163,7 +164,8 @@ def main(argv: list[str]) -> None:
     import json
 
     if argv[:1] == ["--merge"]:
-        parts = [json.loads((ROOT / "results" / f"families_tiny.part{k}.json").read_text()) for k in range(int(argv[1]))]
+        parts = [json.loads((ROOT / "results" / f"families_tiny.part{k}.json").read_text())
+                 for k in range(int(argv[1]))]
         if len({p["git_sha"] for p in parts}) != 1:
             raise SystemExit("the parts come from different commits: run them again")
         order = {mt: i for i, mt in enumerate(model_types())}

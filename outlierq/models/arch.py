@@ -15,7 +15,6 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from ..errors import OutlierqError
 
 NormKind = Literal["rms", "rms_offset", "layernorm"]
 # activations f with f(s * x) = s * f(x) for s > 0: the MLP's first Linear can be rescaled

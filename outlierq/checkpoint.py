@@ -122,7 +122,10 @@ def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
         (lambda n: n.startswith(f"{spec.layers}.{part}."))
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if mine(name):
+        if name.endswith(".input_rotation.matrix") and mine(name):
+            # rotate_down's block (one tensor shared in memory) under each Linear, as vLLM reads it
+            out[name.replace(".input_rotation.matrix", f".{_scheme(t.shape[0])}_input.weight")] = t.detach().cpu().clone()
+        elif mine(name):
             out[name] = t.detach().cpu().contiguous()
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear) and mine(name + "."):
@@ -238,10 +241,10 @@ def check_exportable(recipe: list) -> None:
     """Refuse, before any work, a recipe whose result no checkpoint can hold."""
     from .mitigate.rotate_down import RotateDown
 
-    if any(isinstance(c, RotateDown) for c in recipe):
-        raise OutlierqError("rotate_down is in memory only (transformers does not reload an online "
-                            "rotation from a checkpoint): evaluate it through the Python API "
-                            "(outlierq.compress), or drop it to export")
+    if any(isinstance(c, RotateDown) and c.block is None for c in recipe):
+        raise OutlierqError("rotate_down:block=none (the full-width rotation) is in memory only: no "
+                            "checkpoint format carries it; export with a block (rotate_down:block=128), "
+                            "or evaluate it through the Python API (outlierq.compress)")
 
 
 def check_export_args(fmt: str, expert_format: str) -> None:
@@ -261,11 +264,15 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
     if keyed:  # see W8A8.quiet_tokens
         raise OutlierqError(f"{keyed[0]} keys a static range by token id (quiet_tokens), which no checkpoint "
                             "format carries: it is in memory only; export without it")
-    rotated = rotated_linears(model)
-    if rotated:  # see mitigate/rotate_down.py
-        raise OutlierqError(f"{rotated[0]} rotates its input online (rotate_down), which transformers "
-                            "does not reload from a checkpoint: rotate_down is in memory only; export "
-                            "without it")
+    kept = rotated_linears(model, servable=False)
+    if kept:  # see mitigate/rotate_down.py
+        raise OutlierqError(f"{kept[0]} rotates its input by the full-width rotation (rotate_down:block=none), "
+                            "which no checkpoint format carries: it is in memory only; export with "
+                            "rotate_down:block=128")
+    rotated = rotated_linears(model, servable=True)
+    if rotated and fmt == "fp":
+        raise OutlierqError(f"{rotated[0]} rotates its input online (rotate_down): the fp format has no "
+                            "transform; export compressed-tensors")
     quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))]
     if fmt == "fp" and quantized:
         raise OutlierqError("format 'fp' writes the unquantized model; export before quantize_")
@@ -278,7 +285,36 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
             kept_float += [f"{spec.layers}.{i}.{spec.experts.router_ckpt}"
                            for i in range(len(decoder_layers(model, spec)))]
         config.quantization_config = _quantization_config(model, kept_float, expert_format)
+        if rotated:
+            config.quantization_config["transform_config"] = _transform_config(model, rotated)
     return config
+
+
+def _scheme(block: int) -> str:
+    """The transform scheme of rotate_down's blocks of this order: tensors are stored as
+    <linear>.R4_<block>_input.weight (vLLM names a transform's module <scheme>_<location>)."""
+    return f"R4_{block}"
+
+
+def _transform_config(model: nn.Module, rotated: list[str]) -> dict[str, Any]:
+    """The compressed-tensors transform_config of rotate_down's block rotations: per block order
+    one "random-hadamard" input transform with head_dim = the order, over the Linears that use it.
+    vLLM shares one tensor per (scheme, size), so every Linear of one order must hold the same block."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    by_order: dict[int, list[str]] = {}
+    for n in rotated:
+        by_order.setdefault(model.get_submodule(n).input_rotation.matrix.shape[0], []).append(n)
+    everyone = {n: "" for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
+    groups = {}
+    for b, names in sorted(by_order.items()):
+        blocks = [model.get_submodule(n).input_rotation.matrix for n in names]
+        if any(not torch.equal(x, blocks[0]) for x in blocks[1:]):
+            raise OutlierqError(f"rotate_down's {b}-block differs between Linears; vLLM applies one block per "
+                                "order: rotate with one rotate_down step")
+        groups[_scheme(b)] = TransformScheme(type="random-hadamard", head_dim=b, apply=[
+            TransformArgs(targets=_targets(names, everyone), location="input")])
+    return TransformConfig(config_groups=groups).model_dump(mode="json")
 
 
 def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recipe: list | None,
@@ -397,6 +433,7 @@ def load(path: str | Path, device: str = "cpu"):
                 sd[f"{pre}.{path}.weight"] = sd[f"{pre}.{path}.weight"].t()
         if spec.experts is not None:
             _load_experts(layer, spec, pre, qc, sd, filled)
+    _load_rotations(model, qc, sd)
     for k in [k for k in sd if k.endswith("weight_scale")]:
         sd[k] = sd[k].float().reshape(-1)
     for k in [k for k in sd if k.endswith("input_scale")]:
@@ -410,6 +447,26 @@ def load(path: str | Path, device: str = "cpu"):
         raise OutlierqError(f"{d}: checkpoint does not match its config (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     return model.to(device).eval().requires_grad_(False), tok
+
+
+def _load_rotations(model: nn.Module, qc: dict, sd: dict) -> None:
+    """rotate_down's block rotation from the checkpoint's transform_config (see `_transform_config`),
+    attached to the Linears it targets; refuses transforms outlierq does not write."""
+    from .mitigate.rotate_down import BlockRotation
+
+    for name, scheme in ((qc.get("transform_config") or {}).get("config_groups") or {}).items():
+        args = scheme.get("apply") or []
+        if scheme.get("type") not in ("random-hadamard", "hadamard") or not scheme.get("head_dim") or \
+                any(a.get("location") != "input" or a.get("inverse") or a.get("ignore") for a in args):
+            raise OutlierqError(f"transform {name!r} of this checkpoint is not one outlierq applies (it reads "
+                                "block-diagonal Hadamard input transforms, as rotate_down writes them)")
+        for mod_name, m in list(model.named_modules()):
+            if isinstance(m, Int8Linear) and any(matches(mod_name, a["targets"]) for a in args):
+                key = f"{mod_name}.{name}_input.weight"
+                if key not in sd:
+                    raise OutlierqError(f"checkpoint has no {key}, which its transform {name!r} needs")
+                sd[f"{mod_name}.input_rotation.matrix"] = sd.pop(key)  # (loaded with the rest)
+                m.input_rotation = BlockRotation(torch.empty_like(sd[f"{mod_name}.input_rotation.matrix"]))
 
 
 def fused_experts(spec, pre: str, n: int, get) -> tuple[torch.Tensor, torch.Tensor]:

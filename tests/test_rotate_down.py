@@ -84,7 +84,7 @@ def test_static_scales_come_from_the_rotated_inputs():
     model = tiny_model("LlamaForCausalLM", outliers=True)
     windows = token_batch(8, 24, seed=3)
     m = copy.deepcopy(model)
-    res = compress(m, None, "split:ratio=4+smoothquant:alpha=0.5+rotate_down", W8A8(act="tensor", gptq=True),
+    res = compress(m, None, "split:ratio=4,multiple=32+smoothquant:alpha=0.5+rotate_down", W8A8(act="tensor", gptq=True),
                    windows, progress=False)
     name = "model.layers.1.mlp.down_proj"
     lin = dict(m.named_modules())[name]
@@ -92,7 +92,7 @@ def test_static_scales_come_from_the_rotated_inputs():
     # brute force: the maximum of the rotated input of the same model mitigated without the
     # rotation, hooked (not the recorder)
     f = copy.deepcopy(model)
-    compress(f, None, "split:ratio=4+smoothquant:alpha=0.5", None, windows, progress=False)
+    compress(f, None, "split:ratio=4,multiple=32+smoothquant:alpha=0.5", None, windows, progress=False)
     rotated, plain, hess = [], [], []
 
     def hook(mod, args, out):
@@ -146,7 +146,7 @@ def test_rotate_down_refusals(tmp_path):
     with pytest.raises(OutlierqError, match="LLM.int8"):
         quantize_(m, LLMInt8(), None, progress=False)
     q = copy.deepcopy(model)
-    compress(q, None, "rotate_down", W8A8(), windows, progress=False)
+    compress(q, None, "rotate_down:block=none", W8A8(), windows, progress=False)
     with pytest.raises(OutlierqError, match="in memory only"):
         export(q, tmp_path / "ckpt", char_tokenizer())
     assert not (tmp_path / "ckpt").exists()
@@ -168,16 +168,20 @@ def test_rotate_down_on_a_bf16_model_and_the_cli_refusal(tmp_path):
         res = compress(m, None, recipe, None, windows, progress=False)
         return _rel(m(input_ids=x).logits.float(), ref), m, res
 
-    e_rot, m, res = err("rotate_down")
+    e_rot, m, res = err("rotate_down:block=none")
     down = decoder_layers(m)[0].mlp.down_proj
     assert down.weight.dtype == torch.bfloat16 and down.input_rotation.a.dtype == torch.float32
+    e_block, m, _ = err("rotate_down")  # the servable block: its +-1 matrix held exactly in bf16
+    rot = decoder_layers(m)[0].mlp.down_proj.input_rotation
+    assert rot.matrix.dtype == torch.bfloat16 and set(rot.matrix.float().unique().tolist()) == {-1.0, 1.0}
+    assert e_block < 0.015
     assert e_rot < 0.015  # bf16 rounding of the rotated weights (measured 0.009)
     e_sq, e_both = err("smoothquant:alpha=0.5")[0], err("smoothquant:alpha=0.5+rotate_down")[0]
     assert e_both < e_sq + 0.005  # (smoothing alone costs 0.022 in bf16; the rotation ~0)
     assert "recalibrate" not in res.stats.meta
     src = tiny_model_dir(tmp_path / "src", "LlamaForCausalLM")
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--recipe",
-                 "smoothquant+rotate_down"]) == 2
+                 "smoothquant+rotate_down:block=none"]) == 2
     assert not (tmp_path / "q").exists()
 
 
@@ -198,11 +202,11 @@ def test_a_padded_rotation_keeps_the_function_and_quantizes():
     x, windows = token_batch(2, 24), token_batch(8, 24, seed=3)
     ref = model(input_ids=x).logits
     m = copy.deepcopy(model)
-    compress(m, None, "rotate_down", None, windows, progress=False)
+    compress(m, None, "rotate_down:block=none", None, windows, progress=False)
     assert decoder_layers(m)[0].mlp.down_proj.weight.shape == (64, m_)
     assert _rel(m(input_ids=x).logits, ref) < 1e-5
     q = copy.deepcopy(model)
-    res = compress(q, None, "rotate_down", W8A8(act="tensor"), windows, progress=False)
+    res = compress(q, None, "rotate_down:block=none", W8A8(act="tensor"), windows, progress=False)
     assert res.stats.inputs["model.layers.0.mlp.down_proj"].absmax.shape == (m_,)
     plain = copy.deepcopy(model)
     compress(plain, None, "none", W8A8(act="tensor"), windows, progress=False)
@@ -356,3 +360,85 @@ def test_rotate_down_all_inputs_lets_act_clip_reach_every_linear():
     compress(f, None, "smoothquant:alpha=0.5", W8A8(act="tensor"), windows, progress=False)
     # (the planted outliers dominate the plain static error; every clipped rotated range must beat it)
     assert _rel(m(input_ids=x).logits, model(input_ids=x).logits) < _rel(f(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_block_rotation_is_the_block_diagonal_hadamard_vllm_applies():
+    from outlierq.mitigate.rotate_down import _dividing_order, block_rotation
+
+    rot = block_rotation(12, seed=5, dtype=torch.float32)  # a Paley order: +-1 entries, M M^T = 12 I
+    m = rot.matrix.double()
+    assert set(m.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(m @ m.t(), 12 * torch.eye(12, dtype=torch.float64), rtol=0, atol=0)
+    x = torch.randn(3, 5, 48, dtype=torch.float64)
+    dense = torch.block_diag(*[m / 12 ** 0.5] * 4)  # vLLM: x.unflatten(-1, (-1, 12)) @ (M / sqrt(12))
+    torch.testing.assert_close(rot(x), x @ dense, rtol=0, atol=1e-12)
+    w = torch.randn(7, 48, dtype=torch.float64)
+    torch.testing.assert_close(rot.fold(w), w @ dense, rtol=0, atol=1e-12)
+    assert (_dividing_order(1536, 128), _dividing_order(2048, 128), _dividing_order(576, 128)) == (128, 128, 96)
+    assert _dividing_order(1612, 128) == 4 and _dividing_order(40, 128) == 40
+    with pytest.raises(OutlierqError, match="Hadamard order"):
+        RotateDown(block=100)
+    with pytest.raises(OutlierqError, match="block=none"):
+        RotateDown(kind="random")
+
+
+def test_block_rotation_shares_one_block_and_says_when_the_width_is_awkward():
+    model = tiny_model("LlamaForCausalLM", outliers=True, intermediate_size=100)  # 100 = 20 x 5
+    x = token_batch(2, 24)
+    ref = model(input_ids=x).logits
+    m = copy.deepcopy(model)
+    with pytest.warns(OutlierqNotice, match="Hadamard 20 .100 wide.*split:multiple=64"):
+        mitigate(m, calibrate(m, token_batch(4, 16, seed=3), progress=False), [RotateDown(block=64)])
+    rots = [layer.mlp.down_proj.input_rotation for layer in decoder_layers(m)]
+    assert all(r is rots[0] for r in rots) and rots[0].matrix.shape == (20, 20)
+    assert _rel(m(input_ids=x).logits, ref) < 1e-5
+    # split pads its new size to a multiple the block divides
+    s = copy.deepcopy(model)
+    compress(s, None, "split:ratio=2,multiple=32+rotate_down:block=32", None, token_batch(8, 16, seed=3),
+             progress=False)
+    down = decoder_layers(s)[0].mlp.down_proj
+    assert down.in_features % 32 == 0 and down.in_features > 100 and down.input_rotation.matrix.shape == (32, 32)
+    assert _rel(s(input_ids=x).logits, ref) < 1e-5
+
+
+@pytest.mark.parametrize("act,inputs", [("token", "down"), ("tensor", "all")])
+def test_block_rotation_exports_as_a_transform_and_reloads_bit_identically(tmp_path, act, inputs):
+    import json
+
+    from outlierq.checkpoint import load
+
+    model = tiny_model("LlamaForCausalLM", outliers=True, intermediate_size=128)
+    windows, x = token_batch(8, 24, seed=3), token_batch(2, 24)
+    q = copy.deepcopy(model)
+    compress(q, None, f"smoothquant:alpha=0.5+rotate_down:block=32,inputs={inputs}", W8A8(act=act), windows,
+             progress=False)
+    export(q, tmp_path / "ckpt", char_tokenizer())
+    tc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["transform_config"]
+    (name, scheme), = tc["config_groups"].items()
+    assert (name, scheme["type"], scheme["head_dim"]) == ("R4_32", "random-hadamard", 32)
+    (args,), = [scheme["apply"]]
+    assert args["location"] == "input" and not args["inverse"]
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    stored = sorted(k for k in sd if k.endswith(".R4_32_input.weight"))
+    want = 2 * (1 if inputs == "down" else 7)  # every rotated Linear of both layers holds the block
+    assert len(stored) == want and all(torch.equal(sd[k], sd[stored[0]]) for k in stored)
+    r, _ = load(tmp_path / "ckpt")
+    assert torch.equal(r(input_ids=x).logits, q(input_ids=x).logits)
+    assert isinstance(decoder_layers(r)[1].mlp.down_proj, Int8Linear)
+    with pytest.raises(OutlierqError, match="fp format has no transform"):
+        f = copy.deepcopy(model)
+        compress(f, None, "rotate_down:block=32", None, windows, progress=False)
+        export(f, tmp_path / "fp", fmt="fp")
+
+
+def test_a_transform_outlierq_does_not_apply_is_refused():
+    from outlierq.checkpoint import _load_rotations
+
+    model = tiny_model("LlamaForCausalLM")
+    for bad in ({"type": "random-matrix", "head_dim": 32}, {"type": "hadamard", "head_dim": None},
+                {"type": "hadamard", "head_dim": 32, "location": "output"}):
+        args = {"targets": ["re:.*down_proj$"], "location": bad.pop("location", "input")}
+        qc = {"transform_config": {"config_groups": {"R": {**bad, "apply": [args]}}}}
+        with pytest.raises(OutlierqError, match="not one outlierq applies"):
+            _load_rotations(model, qc, {})

@@ -93,6 +93,11 @@ def _paley_order(n: int) -> int | None:
     return None
 
 
+def has_hadamard(n: int) -> bool:
+    """Whether `hadamard` can build order n."""
+    return n >= 1 and _paley_order(n) is not None
+
+
 def hadamard(n: int) -> torch.Tensor | None:
     """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None if outlierq has no
     construction for n."""

@@ -22,9 +22,16 @@ of x's per-channel maxima), so this step marks them stale and `outlierq.compress
 the mitigated model once (it has the windows). It must be the last step: smoothing or splitting
 down_proj's input channels after the rotation would act on the rotated basis.
 
-In memory only. compressed-tensors 0.20 can describe an online rotation (`transform_config`), but
-transformers 5.24 does not apply it when loading, so a checkpoint would reload as another
-function; `outlierq.export` refuses rotated models with one line instead."""
+Two shapes of R. block=B (the default, servable): R = I (x) R_B, one randomized Hadamard block of
+order B on every B consecutive channels, the same block in every rotated Linear. That is what a
+compressed-tensors `transform_config` describes (a "random-hadamard" scheme with head_dim=B) and
+what vLLM applies when it loads the checkpoint: `outlierq.export` writes it, `outlierq.load` reads
+it back. vLLM keys the transform tensor by (scheme, size), so every rotated Linear must share the
+block (one seed, not one per layer). B = the width gives a dense rotation. block=None: the
+full-width Kronecker rotation above (padded where needed); no format carries the padding or the
+two factors, so it is in memory only and `outlierq.export` refuses it with one line. transformers
+5 does not apply a transform_config: a rotated export is served by vLLM or loaded by
+`outlierq.load`, not by `AutoModelForCausalLM` (which would compute another function)."""
 from __future__ import annotations
 
 import functools
@@ -39,8 +46,8 @@ from torch import nn
 
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve
-from .registry import register
-from .rotate import Rotate, check_options, rotation
+from .registry import is_number, register
+from .rotate import Rotate, check_options, has_hadamard, rotation
 
 
 @dataclass(frozen=True)
@@ -54,11 +61,23 @@ class RotateDown:
     # families that `rotate` cannot rotate offline (Gemma's post norms): static ranges of the
     # attention and MLP inputs are then clipped by act_clip too (measured in the study).
     inputs: Literal["down", "all"] = "down"
+    # B: block-diagonal, randomized Hadamard blocks of the largest order <= B that divides each
+    # input (servable: exported as a compressed-tensors transform_config); None: the full-width
+    # Kronecker rotation (in memory only)
+    block: int | None = 128
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
         if self.inputs not in ("down", "all"):
             raise OutlierqError(f"rotate_down inputs must be down or all, got {self.inputs!r}")
+        if self.block is not None:
+            if not is_number(self.block) or self.block != int(self.block) or not has_hadamard(int(self.block)):
+                raise OutlierqError(f"rotate_down block must be a Hadamard order (64, 128, 96, ...) or none, "
+                                    f"got {self.block!r}")
+            if self.kind != "hadamard":
+                raise OutlierqError("rotate_down block=B uses Hadamard blocks (what vLLM applies); "
+                                    "kind=random needs block=none (in memory only)")
+            object.__setattr__(self, "block", int(self.block))
 
 
 class InputRotation(nn.Module):
@@ -80,6 +99,36 @@ class InputRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.a.shape[0]} x {self.b.shape[0]}"
+
+
+class BlockRotation(nn.Module):
+    """x -> x (I (x) M / sqrt(B)): the B x B matrix M (+-1 entries for a Hadamard block, held in
+    the model's dtype) applied to every B consecutive channels, exactly as vLLM applies a
+    compressed-tensors input transform with head_dim=B (it divides the loaded M by sqrt(B) in
+    place). M is the tensor the checkpoint stores, so a reload computes the same function."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, dt = self.matrix.shape[0], torch.promote_types(x.dtype, torch.float32)
+        r = self.matrix.to(dt).div(math.sqrt(b))
+        return (x.to(dt).unflatten(-1, (-1, b)) @ r).flatten(-2).to(x.dtype)
+
+    def fold(self, w: torch.Tensor) -> torch.Tensor:
+        """W -> W R for a weight [out, in] (float64, block by block: R itself is never built)."""
+        b = self.matrix.shape[0]
+        return (w.double().unflatten(-1, (-1, b)) @ (self.matrix.double() / math.sqrt(b))).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"block {self.matrix.shape[0]}"
+
+
+def block_rotation(b: int, seed: int, dtype: torch.dtype) -> BlockRotation:
+    """The randomized Hadamard block of order b (its +-1 matrix, in `dtype`: exact)."""
+    r, _ = rotation(b, Rotate(seed=seed, kind="hadamard"))
+    return BlockRotation(torch.sign(r).to(dtype))
 
 
 class RotatedLinear(nn.Linear):
@@ -159,6 +208,9 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
                       "not rotated", OutlierqNotice, stacklevel=3)
         return stats
     stale, what = [], set()
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    blocks: dict[int, BlockRotation] = {}  # one block per order, shared by every Linear (vLLM's rule)
+    small: list[str] = []  # widths no Hadamard order up to the block divides
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
             continue
@@ -166,28 +218,49 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
             lin = resolve(layer, name)
             if isinstance(lin, RotatedLinear):
                 raise OutlierqError(f"rotate_down: {spec.layers}.{i}.{name} is rotated already")
-            rot, desc = kron_rotation(lin.in_features, int(cfg.seed) * 100003 + i, lin.out_features, cfg.kind)
+            if cfg.block is None:
+                rot, desc = kron_rotation(lin.in_features, int(cfg.seed) * 100003 + i, lin.out_features, cfg.kind)
+                width, dense = rot.signs.shape[0], rot
+                # float32 factors: at run time the rotation costs as much as a float32 matmul, and
+                # its rounding (~1e-7 relative) is far below int8's
+                rot = InputRotation(*(t.float() for t in (rot.signs, rot.a, rot.b)))
+            else:
+                b = _dividing_order(lin.in_features, cfg.block)
+                if b not in blocks:
+                    blocks[b] = block_rotation(b, int(cfg.seed), dtype)
+                rot, width, dense = blocks[b], lin.in_features, blocks[b].fold
+                desc = f"block-diagonal randomized Hadamard {b} ({width} wide)"
+                if b < min(width, cfg.block):
+                    small.append(desc)
             what.add(desc)
-            new = RotatedLinear(rot.signs.shape[0], lin.out_features, lin.bias is not None, device="meta")
-            new.weight = nn.Parameter(rot(lin.weight.detach().double()).to(lin.weight.dtype),
+            new = RotatedLinear(width, lin.out_features, lin.bias is not None, device="meta")
+            new.weight = nn.Parameter(dense(lin.weight.detach().double()).to(lin.weight.dtype),
                                       requires_grad=lin.weight.requires_grad)
             new.bias = lin.bias
-            # float32 factors: at run time the rotation costs as much as a float32 matmul, and its
-            # rounding (~1e-7 relative) is far below int8's
-            new.input_rotation = InputRotation(*(t.float() for t in (rot.signs, rot.a, rot.b))).to(
-                lin.weight.device)
+            new.input_rotation = rot.to(lin.weight.device)
             parent, _, child = name.rpartition(".")
             setattr(resolve(layer, parent) if parent else layer, child, new)
             stale.append(f"{spec.layers}.{i}.{name}")
+    if small:
+        warnings.warn(f"rotate_down: {small[0]} is the largest Hadamard block up to {cfg.block} that divides "
+                      f"the width, so outliers spread over fewer channels; pad the width (split:multiple="
+                      f"{cfg.block} before it)", OutlierqNotice, stacklevel=3)
     if stats is not None:
         stats.meta = dict(stats.meta, recalibrate=sorted(set(stats.meta.get("recalibrate", [])) | set(stale)),
                           down_rotation=" / ".join(sorted(what)))
     return stats
 
 
-def rotated_linears(model: nn.Module) -> list[str]:
-    """Names of the modules that rotate their input online (in memory only)."""
-    return [n for n, m in model.named_modules() if getattr(m, "input_rotation", None) is not None]
+def _dividing_order(n: int, limit: int) -> int:
+    """The largest Hadamard order <= limit that divides n."""
+    return max(b for b in range(1, min(n, limit) + 1) if n % b == 0 and has_hadamard(b))
+
+
+def rotated_linears(model: nn.Module, servable: bool | None = None) -> list[str]:
+    """Names of the modules that rotate their input online; servable=True / False: only those
+    whose rotation a checkpoint carries (block) / does not (full-width Kronecker)."""
+    return [n for n, m in model.named_modules() if getattr(m, "input_rotation", None) is not None
+            and (servable is None or isinstance(m.input_rotation, BlockRotation) == servable)]
 
 
 register("rotate_down", RotateDown, apply_rotate_down, recalibrates=True)

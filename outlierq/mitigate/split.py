@@ -31,11 +31,16 @@ from ._stats import split_inputs
 class ChannelSplit:
     expand: float = 0.05    # at most this fraction of extra channels per layer
     ratio: float = 16.0     # stop once no channel exceeds ratio x the layer's median absmax
+    # pad the new size up to a multiple of this (rotate_down's block must divide it)
+    multiple: int = 1
 
     def __post_init__(self):
         if not (is_number(self.expand) and is_number(self.ratio)) or not 0 < self.expand <= 1 or not self.ratio >= 1:
             raise OutlierqError(f"split needs numbers 0 < expand <= 1 and ratio >= 1, got "
                                 f"expand={self.expand!r}, ratio={self.ratio!r}")
+        if not is_number(self.multiple) or self.multiple != int(self.multiple) or self.multiple < 1:
+            raise OutlierqError(f"split multiple must be a whole number >= 1, got {self.multiple!r}")
+        object.__setattr__(self, "multiple", int(self.multiple))
 
 
 def split_plan(absmax: torch.Tensor, budget: int, ratio: float) -> torch.Tensor:
@@ -72,6 +77,7 @@ def apply_split(model: nn.Module, stats: ActivationStats, cfg: ChannelSplit,
     new_size = size + max(int((p - 1).sum()) for p in plans)
     if new_size == size:
         return stats
+    new_size = -(-new_size // cfg.multiple) * cfg.multiple
     for i, (layer, parts) in enumerate(zip(layers, plans)):
         if only is not None and i not in only:
             continue

@@ -172,7 +172,7 @@ def main() -> None:
 
     if a.rotate_down:  # the library's step: recalibrated static ranges, scaled by hand / searched
         rd = copy.deepcopy(model)
-        compress(rd, tok, a.recipe + "+rotate_down", W8A8(act="tensor"), cw, progress=False)
+        compress(rd, tok, a.recipe + "+rotate_down:block=none", W8A8(act="tensor"), cw, progress=False)
         downs = [mod for n, mod in int8s(rd) if "down_proj" in n]
         at_max = [d.input_scale.clone() for d in downs]
         for r in (1.0, 0.7, 0.5, 0.35, 0.25):
@@ -184,7 +184,7 @@ def main() -> None:
         row("static, rotate_down, down_proj per-token", per_token(rd, "down_proj"))
         for objective in ("value", "token"):
             rc = copy.deepcopy(model)
-            res = compress(rc, tok, a.recipe + "+rotate_down",
+            res = compress(rc, tok, a.recipe + "+rotate_down:block=none",
                            W8A8(act="tensor", act_clip=True, act_clip_objective=objective), cw, progress=False)
             clips = list(res.record["act_clip"].values())
             row(f"static, rotate_down + act_clip {objective} (ratios {min(clips):.2f}-{max(clips):.2f})", rc)

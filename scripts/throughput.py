@@ -69,7 +69,7 @@ def main() -> None:
                                ("W8A8 token + int8 head", W8A8(act="token", skip=()), sq),
                                ("W8A8 tensor (int8 GEMM)", W8A8(act="tensor"), sq),
                                ("W8A8 tensor + rotate_down (online rotation of down_proj's input)",
-                                W8A8(act="tensor"), sq + "+rotate_down"),
+                                W8A8(act="tensor"), sq + "+rotate_down:block=none"),
                                (FP32_CODES, W8A8(act="token"), sq),
                                ("W8A8 token fake-quant (dequantize + fp32 matmul)", W8A8(act="token", fake=True), sq),
                                ("LLM.int8 (bitsandbytes)", LLMInt8(), sq)):

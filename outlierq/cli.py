@@ -120,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="round the int8 weights with GPTQ's error feedback through the "
                             "calibration Hessians (calibration then takes ~1.7x as long). Default: on "
                             "in memory, off layer by layer (--sequential) and with --stats")
+        p.add_argument("--act-clip", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --act tensor: set the static range of each input rotated online "
+                            "(rotate_down) at the clip of its max with the least int8 error. Default: "
+                            "on where an input is rotated")
         p.add_argument("--range-tune", type=_count(0), default=0, metavar="N",
                        help="with --act tensor: scale the static ranges of each kind of Linear by the "
                             "factor with the least KL from the float model on N calibration windows "
@@ -238,7 +242,8 @@ def _scheme(a, layer_by_layer: bool = False):
         raise OutlierqError("--range-tune scores the whole model's output: not available layer by layer "
                             "(--sequential, or a model too big for memory)")
     return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                gptq=_gptq(a, layer_by_layer), skip=() if getattr(a, "int8_head", False) else ("lm_head",),
+                gptq=_gptq(a, layer_by_layer), act_clip=getattr(a, "act_clip", None),
+                skip=() if getattr(a, "int8_head", False) else ("lm_head",),
                 range_tune=tune, range_tune_each=_kinds(getattr(a, "range_tune_each", "")),
                 quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")), quiet_tune=getattr(a, "quiet_tune", 0))
 

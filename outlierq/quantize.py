@@ -61,8 +61,9 @@ class W8A8:
     # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +1.72% with the
     # "token" objective below). Unrotated inputs keep their max:
     # there a clip cuts the massive channels (results/static_diagnosis_smollm2-135m.md: x0.5 on
-    # down_proj takes KL from 0.034 to 0.187).
-    act_clip: bool = False
+    # down_proj takes KL from 0.034 to 0.187). None (the default): on wherever a static Linear
+    # reads a rotated input, without a notice where none does.
+    act_clip: bool | None = None
     # what act_clip's search weighs: "value" every value alike (the plain MSE, where the few
     # large-norm tokens decide the range), "token" every token alike (each value's squared error
     # over its token's mean square). "auto": "token" where the family normalises each sublayer's
@@ -529,9 +530,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
                                     f"(kinds: {', '.join(sorted(kinds))})")
     # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
     # before any Linear is replaced
-    clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip
+    clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip is not False
                and rotated_input(lin) and config.act_for(n) == "tensor"}
-    if isinstance(config, W8A8) and config.act_clip and not clipped and (only is None or 0 in only):
+    if isinstance(config, W8A8) and config.act_clip is True and not clipped and (only is None or 0 in only):
         warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_down to the recipe); "
                       "every static range stays at its max", OutlierqNotice, stacklevel=2)
     missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)

@@ -39,14 +39,16 @@ def unavailable() -> str | None:
 
 
 def serve(model_dir: str | Path, windows: torch.Tensor, dtype: str = "float32", gen_tokens: int = 32,
-          timeout: int = 1800) -> dict:
+          timeout: int = 1800, speed_repeats: int = 0) -> dict:
     """Score `windows` [N, L] with vLLM serving `model_dir`: the worker's JSON (per-window NLL sums,
-    per-position argmax ids, greedy continuation of window 0's first 16 tokens, tokens/s)."""
+    per-position argmax ids, greedy continuation of window 0's first 16 tokens, tokens/s; with
+    speed_repeats, median prefill and decode tokens/s over that many rounds)."""
     why = unavailable()
     if why:
         raise OutlierqError(why)
     job = {"model": str(Path(model_dir).resolve()), "windows": windows.tolist(), "dtype": dtype,
-           "generate": windows[0, :16].tolist(), "gen_tokens": gen_tokens, "kv_gib": 1}
+           "generate": windows[0, :16].tolist(), "gen_tokens": gen_tokens, "kv_gib": 1,
+           "speed_repeats": speed_repeats}
     env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
     env.pop("PYTHONPATH", None)
     p = subprocess.run([str(vllm_python()), str(WORKER)], input=json.dumps(job), capture_output=True, text=True,

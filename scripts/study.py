@@ -101,8 +101,8 @@ ROWS = [
      "rotate+rotate_heads+split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:block=none",
      W8A8(act="tensor", gptq=True, act_clip=True)),
     # every norm-group and pair input rotated online (in memory), so act_clip sets every static range
-    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto", "smoothquant:alpha=0.8+rotate_down:inputs=all,block=none",
-     W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("SmoothQuant a=0.8 + rotate_down all inputs + GPTQ + act clip auto",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,block=none", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("OCS split + SmoothQuant searched + rotate_down all inputs + GPTQ + act clip auto",
      "split:ratio=4+smoothquant:alpha=search,act={act}+rotate_down:inputs=all,block=none",
      W8A8(act="tensor", gptq=True, act_clip=True)),
@@ -157,7 +157,7 @@ UNQUANTIZED = ("FP32", "BF16 (unquantized; vs-FP32 column: vs this row)")
 
 def _quantizers(q):
     if q in ("both", "both+clip", "both+gptq"):
-        kw = {"weight_clip": q == "both+clip", "gptq": q == "both+gptq"}
+        kw = {"weight_clip": q == "both+clip", "gptq": q == "both+gptq", "act_clip": False}
         return [("token", W8A8(act="token", **kw)), ("tensor", W8A8(act="tensor", **kw))]
     if isinstance(q, W8A8) and q.token_for:
         return [("tensor+token", q)]

@@ -3,10 +3,11 @@ Python of vLLM's own environment (.venv-vllm), never outlierq's (vLLM pins its o
 transformers). Reads a JSON job on stdin, writes one JSON line on stdout.
 
 job: {"model": dir, "windows": [[ids...], ...], "dtype": "float32"|"bfloat16", "generate": [ids...],
-      "gen_tokens": N, "kv_gib": G}
+      "gen_tokens": N, "kv_gib": G, "speed_repeats": R (optional: `measure_speed`)}
 out: {"nll": [per-window sum of -log p over predicted tokens], "tokens": [...], "argmax": [[ids]],
       "logprobs": [[per-token log p]], "greedy": [ids], "prefill_tok_s": x, "decode_tok_s": y,
-      "vllm": version, "load_s": seconds, "patched": [what patch_cpu_transforms changed]}"""
+      "vllm": version, "load_s": seconds, "patched": [what patch_cpu_transforms changed],
+      "speed": `measure_speed`'s medians or null}"""
 from __future__ import annotations
 
 import json
@@ -69,10 +70,35 @@ def main() -> None:
     g = llm.generate([TokensPrompt(prompt_token_ids=job["generate"])], gen, use_tqdm=False)[0]
     decode_s = time.perf_counter() - t
     greedy = list(g.outputs[0].token_ids)
+    speed = measure_speed(llm, windows, job) if job.get("speed_repeats") else None
     print(MARK + json.dumps({"nll": nll, "tokens": [len(w) - 1 for w in windows], "argmax": argmax, "logprobs": logprobs,
                       "greedy": greedy, "prefill_tok_s": sum(len(w) for w in windows) / prefill_s,
                       "decode_tok_s": len(greedy) / decode_s, "vllm": vllm.__version__, "load_s": load_s,
-                            "patched": patched}))
+                            "patched": patched, "speed": speed}))
+
+
+def measure_speed(llm, windows: list[list[int]], job: dict) -> dict:
+    """Median over `speed_repeats` rounds of: prefill of every window (one call, no log-probs:
+    the engine's own prefill), and greedy decode of `gen_tokens` from window 0's first 16 tokens
+    (batch 1; the tokens over the whole call, its 16-token prefill included)."""
+    import statistics
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    gen = SamplingParams(max_tokens=job.get("gen_tokens", 32), temperature=0.0, ignore_eos=True)
+    pre, dec = [], []
+    for _ in range(job["speed_repeats"]):
+        t = time.perf_counter()
+        llm.generate(prompts, one, use_tqdm=False)
+        pre.append(sum(len(w) for w in windows) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=job["generate"])], gen, use_tqdm=False)[0]
+        dec.append(len(out.outputs[0].token_ids) / (time.perf_counter() - t))
+    return {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
+            "repeats": job["speed_repeats"], "prefill_all": pre, "decode_all": dec}
 
 
 if __name__ == "__main__":  # vLLM's engine starts a worker process: the guard is required

@@ -16,7 +16,7 @@ from .mitigate.smoothquant import SmoothQuant
 from .mitigate.split import ChannelSplit
 from .models import load_model
 from .pipeline import DEFAULT_RECIPE, Calibration, CompressResult, compress
-from .quantize import LLMInt8, W8A8, Int8Experts, Int8Linear, quantize_
+from .quant import LLMInt8, W8A8, Int8Experts, Int8Linear, quantize_
 
 __all__ = ["ActivationStats", "Calibration", "ChannelSplit", "CompressResult", "Criteria",
            "DEFAULT_RECIPE", "Int8Experts", "Int8Linear", "LLMInt8", "OutlierqError", "OutlierqNotice",

@@ -30,7 +30,7 @@ from .errors import OutlierqError
 from .provenance import atomic_dir, check_target, output_files, stamp
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
-from .quantize import Int8Experts, Int8Linear, expert_names, matches
+from .quant import Int8Experts, Int8Linear, expert_names, matches
 
 FORMATS = ("compressed-tensors", "fp")
 MANIFEST = "SHA256SUMS"

@@ -230,7 +230,7 @@ def _gptq(a, layer_by_layer: bool) -> bool:
 
 
 def _scheme(a, layer_by_layer: bool = False):
-    from .quantize import W8A8
+    from .quant import W8A8
 
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":

@@ -21,7 +21,7 @@ from .mitigate.recipe import CHOSEN, mitigate, parse_recipe, recipe_to_list
 from .mitigate.registry import lookup
 from .models.prepare import prepare
 from .models.arch import get_arch
-from .quantize import LLMInt8, W8A8, act_clip_objective, quantize_
+from .quant import LLMInt8, W8A8, act_clip_objective, quantize_
 
 # "auto": the best recipe measured for the model's family and the activation mode (16 windows of
 # results/ppl_<model>.md; see DEFAULTS). Families with no built-in model measured get the

@@ -41,7 +41,7 @@ from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, re
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
 from .provenance import atomic_dir, check_target
-from .quantize import LLMInt8, W8A8, quantize_, quantizes_head
+from .quant import LLMInt8, W8A8, quantize_, quantizes_head
 
 # checkpoint prefixes older transformers wrote for multimodal models, as (model, checkpoint)
 _LEGACY = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),

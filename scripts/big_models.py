@@ -47,7 +47,7 @@ def one(a) -> dict:
     from outlierq.checkpoint import export
     from outlierq.models.load import DTYPES, resolve_model_path
     from outlierq.pipeline import Calibration
-    from outlierq.quantize import W8A8
+    from outlierq.quant import W8A8
 
     torch.manual_seed(0)
     path = Path(resolve_model_path(a.model))

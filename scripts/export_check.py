@@ -19,7 +19,7 @@ from outlierq.checkpoint import dir_mb, state_bytes
 from outlierq.data import read_text, tokenize
 from outlierq.mitigate.recipe import recipe_to_list
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import W8A8
+from outlierq.quant import W8A8
 
 
 @torch.no_grad()

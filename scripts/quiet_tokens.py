@@ -20,7 +20,7 @@ from outlierq import calibrate, compress, load_model
 from outlierq.data import calib_windows, eval_windows, read_text, tokenize
 from outlierq.evaluate import kl_per_token, log_probs_
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import QUIET_GRID, QUIET_LEVEL, W8A8, Int8Linear, TokenKeys, quantize_
+from outlierq.quant import QUIET_GRID, QUIET_LEVEL, W8A8, Int8Linear, TokenKeys, quantize_
 
 RECIPE = "smoothquant:alpha=0.8+rotate_down:inputs=all,block=none"
 

@@ -26,7 +26,7 @@ from outlierq import calibrate, compress, load_model
 from outlierq.data import calib_windows, read_text, tokenize
 from outlierq.models.arch import decoder_layers
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import W8A8, Int8Linear, quantize_
+from outlierq.quant import W8A8, Int8Linear, quantize_
 
 RECIPE = "split:ratio=4+smoothquant:alpha=search,act=tensor,objective=token"
 

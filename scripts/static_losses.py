@@ -19,7 +19,7 @@ from outlierq import calibrate, compress, load_model
 from outlierq.data import calib_windows, eval_windows, read_text, tokenize
 from outlierq.evaluate import kl_per_token, log_probs_
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import W8A8, Int8Linear, quantize_
+from outlierq.quant import W8A8, Int8Linear, quantize_
 
 RECIPE = "smoothquant:alpha=0.8+rotate_down:inputs=all,block=none"
 BUCKETS = (0, 1, 4, 16, 64, 256, 2048)

@@ -20,7 +20,7 @@ from outlierq.data import calib_windows, read_text, tokenize
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_to_list
 from outlierq.mitigate.registry import lookup
 from outlierq.provenance import git_sha, stamp, write_json, write_text
-from outlierq.quantize import LLMInt8, W8A8
+from outlierq.quant import LLMInt8, W8A8
 
 # (label, recipe, quantizer). The recipe's alpha search scores for the same activation mode.
 ROWS = [

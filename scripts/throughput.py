@@ -21,7 +21,7 @@ from outlierq import calibrate, compress, load_model, ops, perplexity
 from outlierq.data import calib_windows, read_text, tokenize
 from outlierq.ops import gemm
 from outlierq.provenance import stamp, write_json, write_text
-from outlierq.quantize import Int8Linear, LLMInt8, W8A8
+from outlierq.quant import Int8Linear, LLMInt8, W8A8
 
 FP32_CODES = "W8A8 token, fp32-codes GEMM (the AVX2 fallback, forced)"
 PROFILED = ("FP32", "W8A8 token (int8 GEMM)", "W8A8 token + int8 head")

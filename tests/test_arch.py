@@ -68,7 +68,7 @@ def test_every_entry_point_takes_a_family_without_a_description(tmp_path):
     from transformers import BloomConfig, BloomForCausalLM
 
     from outlierq import compress, export, load
-    from outlierq.quantize import W8A8
+    from outlierq.quant import W8A8
 
     torch.manual_seed(0)
     cfg = BloomConfig(n_layer=2, hidden_size=32, n_head=2, vocab_size=64)

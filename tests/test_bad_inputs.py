@@ -312,7 +312,7 @@ def test_abbreviated_flags_and_too_many_processes_get_one_line(capsys):
 
 def test_scheme_patterns_must_be_tuples():
     from outlierq.errors import OutlierqError
-    from outlierq.quantize import W8A8
+    from outlierq.quant import W8A8
 
     with pytest.raises(OutlierqError, match="takes a tuple"):
         W8A8(skip="lm_head")

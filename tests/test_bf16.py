@@ -10,7 +10,7 @@ from outlierq import load_model, perplexity, sequential
 from outlierq.checkpoint import export, load
 from outlierq.mitigate.recipe import mitigate
 from outlierq.pipeline import compress
-from outlierq.quantize import W8A8
+from outlierq.quant import W8A8
 from conftest import token_batch, tiny_model_dir
 
 RECIPE = "split:ratio=4+smoothquant:alpha=search,act={act}"

@@ -12,7 +12,7 @@ from outlierq.models.arch import get_arch
 from outlierq.mitigate.recipe import mitigate
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.mitigate.split import ChannelSplit
-from outlierq.quantize import W8A8, quantize_
+from outlierq.quant import W8A8, quantize_
 from conftest import FAMILIES, tiny_model, token_batch
 
 
@@ -182,7 +182,7 @@ def test_int8_head_unties_exports_and_reloads(act, tmp_path):
     bit-identically in outlierq.load and to int8 noise in transformers."""
     from transformers import AutoModelForCausalLM
 
-    from outlierq.quantize import Int8Linear
+    from outlierq.quant import Int8Linear
 
     model = tiny_model("LlamaForCausalLM", outliers=True, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -10,7 +10,7 @@ from outlierq import calibrate, compress
 from outlierq.calibration import ActivationStats
 from outlierq.errors import OutlierqError
 from outlierq.gptq import gptq_codes
-from outlierq.quantize import W8A8, Int8Linear, quantize_, quantize_weight
+from outlierq.quant import W8A8, Int8Linear, quantize_, quantize_weight
 from conftest import tiny_model
 
 

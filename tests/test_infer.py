@@ -60,7 +60,7 @@ def test_proof_rolls_back_an_incomplete_group_and_a_wrong_row_map():
 def test_inferred_family_smoothquant_keeps_logits_and_w8a8_covers_every_linear():
     import copy
     from outlierq import calibrate, compress
-    from outlierq.quantize import Int8Linear, W8A8
+    from outlierq.quant import Int8Linear, W8A8
 
     torch.manual_seed(0)
     cfg = tf.Olmo3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -13,7 +13,7 @@ from outlierq.models.arch import get_arch
 from outlierq.mitigate.recipe import mitigate, parse_recipe, recipe_from_list, recipe_to_list
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.mitigate.split import ChannelSplit, split_plan
-from outlierq.quantize import W8A8, quantize_
+from outlierq.quant import W8A8, quantize_
 from conftest import FAMILIES, tiny_model, token_batch
 
 RECIPES = {

@@ -11,7 +11,7 @@ from outlierq import calibrate
 from outlierq.mitigate.recipe import mitigate
 from outlierq.mitigate.smoothquant import SmoothQuant
 from outlierq.models.arch import decoder_layers, get_arch, resolve
-from outlierq.quantize import Int8Experts, W8A8, quantize_
+from outlierq.quant import Int8Experts, W8A8, quantize_
 from conftest import MOE, tiny_model, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")

@@ -7,7 +7,7 @@ from torch import nn
 
 from outlierq import calibrate
 from outlierq.errors import OutlierqError
-from outlierq.quantize import Int8Linear, W8A8, quantize_
+from outlierq.quant import Int8Linear, W8A8, quantize_
 from conftest import tiny_model, token_batch
 
 
@@ -123,7 +123,7 @@ def test_both_cpu_gemm_paths_match_the_oracle(path, act, monkeypatch):
 def test_weight_clip_search_picks_the_least_output_error():
     """Brute force per channel over the grid; and clipping never loses to plain rounding on the
     rows it was chosen on (1.0 is in the grid)."""
-    from outlierq.quantize import CLIP_GRID, clip_search, quantize_weight
+    from outlierq.quant import CLIP_GRID, clip_search, quantize_weight
 
     torch.manual_seed(0)
     w = torch.randn(12, 40)
@@ -163,7 +163,7 @@ def test_weight_clip_in_quantize_needs_rows_and_reduces_error():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_weight_leaves_its_input_alone(dtype):
-    from outlierq.quantize import quantize_weight
+    from outlierq.quant import quantize_weight
 
     w = torch.randn(8, 16).to(dtype)
     before = w.clone()
@@ -194,7 +194,7 @@ def test_range_tune_picks_the_factor_of_least_kl_against_brute_force(tmp_path):
 
     from outlierq import compress
     from outlierq.checkpoint import export, load
-    from outlierq.quantize import RANGE_TUNE_GRID
+    from outlierq.quant import RANGE_TUNE_GRID
 
     model = tiny_model("LlamaForCausalLM", outliers=True)
     windows = token_batch(6, 24, seed=3)
@@ -233,7 +233,7 @@ def test_range_tune_each_descends_linear_by_linear_like_a_brute_force():
     import dataclasses
 
     from outlierq import compress
-    from outlierq.quantize import RANGE_TUNE_GRID
+    from outlierq.quant import RANGE_TUNE_GRID
 
     model = tiny_model("LlamaForCausalLM", outliers=True)
     windows = token_batch(6, 24, seed=5)
@@ -279,13 +279,13 @@ def test_range_tune_each_descends_linear_by_linear_like_a_brute_force():
 
 def test_range_tune_every_kind_never_worse_and_refusals():
     from outlierq import compress
-    from outlierq.quantize import RANGE_TUNE_GRID
+    from outlierq.quant import RANGE_TUNE_GRID
 
     model = tiny_model("Gemma3ForCausalLM", outliers=True)
     windows = token_batch(6, 24, seed=4)
-    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all,block=none",
                      W8A8(act="tensor", act_clip=True), windows, progress=False)
-    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all,block=none",
                      W8A8(act="tensor", act_clip=True, range_tune=2), windows, progress=False)
     kinds = tuned.record["range_tune"]
     assert list(kinds) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -314,7 +314,7 @@ def test_range_tune_every_kind_never_worse_and_refusals():
 def test_quiet_token_rows_take_their_own_static_range_like_a_brute_force():
     """Int8Linear with token_ids: rows of those ids quantize at token_scale, the rest at
     input_scale, each a constant; without ids (inputs_embeds) every row takes input_scale."""
-    from outlierq.quantize import TokenKeys
+    from outlierq.quant import TokenKeys
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(24, 8, bias=True)
@@ -345,9 +345,10 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
     merged), never worse than without keys; the keyed model refuses to export."""
     import dataclasses
 
-    from outlierq import compress, quantize
+    from outlierq import compress
+    from outlierq.quant import tuning as quantize
     from outlierq.checkpoint import export
-    from outlierq.quantize import QUIET_GRID
+    from outlierq.quant import QUIET_GRID
 
     monkeypatch.setattr(quantize, "QUIET_LEVEL", 0.5)
     monkeypatch.setattr(quantize, "QUIET_SHARE", 0.4)  # token 3 passes it in layer 0's down_proj only
@@ -356,8 +357,8 @@ def test_quiet_tokens_keyed_and_tuned_like_a_brute_force(tmp_path, monkeypatch, 
     windows = token_batch(6, 24, seed=seed)
     windows[:, ::3] = 3
     scheme = W8A8(act="tensor", act_clip=True, range_tune=2, quiet_tokens=("down_proj",), quiet_tune=quiet_tune)
-    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all", scheme, windows, progress=False)
-    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all",
+    tuned = compress(copy.deepcopy(model), None, "rotate_down:inputs=all,block=none", scheme, windows, progress=False)
+    plain = compress(copy.deepcopy(model), None, "rotate_down:inputs=all,block=none",
                      dataclasses.replace(scheme, quiet_tokens=(), quiet_tune=0), windows, progress=False)
     rec = tuned.record["quiet_tokens"]
     assert list(rec["factors"]) == ["down_proj"] and rec["factors"]["down_proj"] in QUIET_GRID

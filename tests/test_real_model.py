@@ -8,7 +8,7 @@ from outlierq.data import calib_windows, read_text, tokenize
 from outlierq.checkpoint import export
 from outlierq.mitigate.recipe import mitigate
 from outlierq.mitigate.smoothquant import SmoothQuant
-from outlierq.quantize import W8A8, quantize_
+from outlierq.quant import W8A8, quantize_
 
 pytestmark = pytest.mark.slow
 

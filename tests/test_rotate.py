@@ -14,7 +14,7 @@ from outlierq.mitigate.recipe import mitigate
 from outlierq.mitigate.rotate import Rotate, hadamard, rotation
 from outlierq.models.arch import decoder_layers, get_arch, resolve
 from outlierq.pipeline import compress
-from outlierq.quantize import W8A8
+from outlierq.quant import W8A8
 from conftest import FAMILIES, char_tokenizer, tiny_model, token_batch
 
 

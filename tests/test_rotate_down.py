@@ -17,7 +17,7 @@ from outlierq.mitigate.rotate import _paley_order, hadamard
 from outlierq.mitigate.rotate_down import RotateDown, _orders, kron_rotation, plan
 from outlierq.models.arch import decoder_layers, get_arch
 from outlierq.pipeline import compress
-from outlierq.quantize import W8A8, Int8Linear, LLMInt8, quantize_
+from outlierq.quant import W8A8, Int8Linear, LLMInt8, quantize_
 from conftest import FAMILIES, char_tokenizer, tiny_model, token_batch
 
 
@@ -216,7 +216,7 @@ def test_a_padded_rotation_keeps_the_function_and_quantizes():
 
 def test_value_histogram_and_act_clip_search_against_brute_force():
     from outlierq.calibration import VALUE_BINS_PER_OCTAVE, value_bin_centres, value_histogram
-    from outlierq.quantize import ACT_CLIP_GRID, act_clip_search
+    from outlierq.quant import ACT_CLIP_GRID, act_clip_search
 
     g = torch.Generator().manual_seed(0)
     # rotated-like values: Gaussian tokens with log-normal norms, a few of them far larger
@@ -260,10 +260,10 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
     with pytest.raises(OutlierqError, match="auto, token or value"):
         W8A8(act="tensor", act_clip=True, act_clip_objective="mse")
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    plain = compress(a, None, recipe, W8A8(act="tensor"), windows, progress=False)
-    clipped = compress(b, None, recipe, W8A8(act="tensor", act_clip=True), windows, progress=False)
+    plain = compress(a, None, recipe, W8A8(act="tensor", act_clip=False), windows, progress=False)
+    clipped = compress(b, None, recipe, W8A8(act="tensor"), windows, progress=False)  # (on by default)
     from outlierq.calibration import value_histogram
-    from outlierq.quantize import act_clip_search
+    from outlierq.quant import act_clip_search
 
     assert clipped.record["act_clip_objective"] == "value"  # "auto" on Llama: no output norms
     # the histogram is of every rotated value the down_proj saw (hooked on the float model)
@@ -304,7 +304,7 @@ def test_act_clip_sets_the_rotated_static_ranges_only():
 def test_act_clip_objective_picks_the_histogram_row(arch, objective, auto):
     """"auto" weighs every token alike where the family normalises sublayer outputs per token
     (Gemma), every value alike elsewhere; an explicit objective overrides it."""
-    from outlierq.quantize import act_clip_search
+    from outlierq.quant import act_clip_search
 
     model = tiny_model(arch, outliers=True)
     windows = token_batch(8, 24, seed=3)

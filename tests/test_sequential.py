@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from outlierq import load_model
 from outlierq.checkpoint import export
 from outlierq.pipeline import compress
-from outlierq.quantize import W8A8
+from outlierq.quant import W8A8
 from outlierq import sequential
 from conftest import FAMILIES, tiny_model_dir, token_batch
 

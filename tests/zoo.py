@@ -127,7 +127,7 @@ def contract(model_type: str, tmp) -> dict:
     from outlierq import calibrate, compress, export, load
     from outlierq.models.arch import decoder_layers, get_arch
     from outlierq.models.prepare import prepare
-    from outlierq.quantize import Int8Linear, W8A8
+    from outlierq.quant import Int8Linear, W8A8
 
     try:
         model = build(model_type)

@@ -20,9 +20,8 @@ def prepare(model: nn.Module) -> nn.Module:
     """Validate the family (one error line if unsupported) and swap Conv1D for nn.Linear, in
     place; idempotent. Returns the model."""
     spec = get_arch(model)
-    from ..quantize import Int8Experts, Int8Linear
-
-    if any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()):
+    # (the int8 modules carry a marker: models/ does not import quantization)
+    if any(getattr(m, "outlierq_quantized", False) for m in model.modules()):
         raise OutlierqError("this model is already int8-quantized (an outlierq W8A8 export?); "
                             "calibration, mitigation and quantization need the float model")
     if not spec.conv1d:

@@ -1,0 +1,167 @@
+"""quantize_: replace the Linears (and MoE experts) a scheme targets with their int8 twins, in
+place, and run the tuning steps the scheme asks for."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import ActivationStats, module_name, output_head, rotated_input
+from ..errors import OutlierqError, OutlierqNotice
+from ..evaluate import top_log_probs
+from ..mitigate.surgery import set_module
+from ..models.arch import decoder_layers, get_arch, quantizable, resolve
+from ..models.prepare import prepare
+from .modules import Int8Experts, Int8Linear, _llm_int8, expert_names
+from .scheme import ACT_CLIP_OBJECTIVES, LLMInt8, W8A8, matches
+from . import tuning
+from .tuning import _log_probs, _logits, act_clip_objective, act_clip_search, key_quiet_tokens, tune_ranges
+from .weights import clip_search
+
+
+def quantizes_head(config: W8A8 | LLMInt8 | None) -> bool:
+    """Whether the scheme quantizes the output head too (W8A8 with lm_head not skipped)."""
+    return isinstance(config, W8A8) and not matches("lm_head", config.skip)
+
+
+def _head_name(model: nn.Module) -> str | None:
+    head = output_head(model)
+    return None if head is None else module_name(model, head)
+
+
+def _untie(model: nn.Module) -> None:
+    """The head gets its own int8 codes: the checkpoint must not tie it back to the embeddings."""
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats | None = None,
+              progress: bool = True, check_stats: bool = True, only: list[int] | None = None,
+              tune_windows: torch.Tensor | None = None) -> nn.Module:
+    """Replace the decoder layers' Linears (and MoE experts) that the scheme targets, in place;
+    returns the model. `stats` (needed for static activations) must describe this model as it is
+    now: statistics from before a mitigation are refused unless check_stats=False, which risks
+    static scales that no longer fit the weights. only: just these decoder layers (the
+    layer-by-layer pipeline; the caller has checked the statistics). tune_windows: calibration
+    token windows [S, L] for W8A8(range_tune=N) (the first N are used)."""
+    if only is None:
+        prepare(model)
+    tune = isinstance(config, W8A8) and config.range_tune > 0
+    if tune and only is not None:
+        raise OutlierqError("W8A8(range_tune=N) scores the whole model's output: not available "
+                            "layer by layer (--sequential)")
+    if tune and (tune_windows is None or tune_windows.ndim != 2):
+        raise OutlierqError("W8A8(range_tune=N) needs calibration token windows [S, L] "
+                            "(quantize_(..., tune_windows=...); outlierq.compress passes its calibration windows, "
+                            "or recalibrate_on= with statistics)")
+    needed = max(config.range_tune, config.quiet_tune) if tune else 0
+    if tune and needed > len(tune_windows):
+        raise OutlierqError(f"W8A8 tunes on {needed} calibration windows, but {len(tune_windows)} were given: "
+                            "calibrate on more (--samples) or tune on fewer")
+    spec = get_arch(model)
+    if isinstance(config, W8A8) and config.act == "tensor" and stats is None:
+        raise OutlierqError("W8A8(act='tensor') needs calibration statistics for the input scales")
+    if stats is not None and only is None:
+        stats.check_matches(model, exact=check_stats)
+    if stats is not None and stats.meta.get("recalibrate"):
+        raise OutlierqError(f"the statistics of {stats.meta['recalibrate'][0]} (and "
+                            f"{len(stats.meta['recalibrate']) - 1} more) are stale after rotate_down: "
+                            "recalibrate the mitigated model (outlierq.compress does)")
+    if isinstance(config, LLMInt8) and any(getattr(m, "input_rotation", None) is not None for m in model.modules()):
+        raise OutlierqError("LLM.int8 (bitsandbytes) Linears cannot rotate their input online: drop "
+                            "rotate_down from the recipe")
+    if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
+        raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
+                            "calibrate with keep_rows > 0")
+    if isinstance(config, W8A8) and config.gptq and (stats is None or not stats.hessians):
+        raise OutlierqError("W8A8(gptq=True) rounds weights through the calibration Hessians: "
+                            "calibrate with hessians=True (`outlierq calibrate --hessians`; compress and "
+                            "--gptq without --stats do this)")
+    if isinstance(config, LLMInt8) and spec.experts is not None:
+        raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
+                            "fused tensors here: use W8A8")
+    names = quantizable(model, spec)
+    head = _head_name(model) if isinstance(config, W8A8) and only is None else None
+    if head is not None and not matches(head, config.skip):
+        names.append(head)
+        _untie(model)
+    if isinstance(config, W8A8) and (only is None or 0 in only):  # (layer 0 first: all still float)
+        unmatched = [p for p in config.token_for if not any(matches(n, (p,)) for n in names)]
+        if unmatched:
+            raise OutlierqError(f"token_for pattern {unmatched[0]!r} matches no quantizable Linear "
+                                "(e.g. 'down_proj', '*mlp.down_proj', 're:.*layers\\.0\\..*')")
+    mine = None if only is None else tuple(f"{spec.layers}.{i}." for i in only)
+    targets = [(n, model.get_submodule(n)) for n in names
+               if not matches(n, config.skip) and (mine is None or n.startswith(mine))]
+    if tune:
+        kinds = {n.rsplit(".", 1)[-1] for n, _ in targets if config.act_for(n) == "tensor"}
+        for field in ("range_tune_each", "quiet_tokens"):
+            stray = [k for k in getattr(config, field) if k not in kinds]
+            if stray:
+                raise OutlierqError(f"{field}: {stray[0]!r} is not the kind of any static Linear "
+                                    f"(kinds: {', '.join(sorted(kinds))})")
+    # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
+    # before any Linear is replaced
+    clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip is not False
+               and rotated_input(lin) and config.act_for(n) == "tensor"}
+    if isinstance(config, W8A8) and config.act_clip is True and not clipped and (only is None or 0 in only):
+        warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_down to the recipe); "
+                      "every static range stays at its max", OutlierqNotice, stacklevel=2)
+    missing = sorted(n for n in clipped if getattr(stats.value_hists.get(n), "ndim", 0) != 2)
+    if missing:
+        raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "
+                            f"{missing[0]}'s rotated input; recalibrate the mitigated model")
+    act_clips: dict[str, float] = {}
+    if clipped:
+        row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
+    if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
+        calib_windows, tune_windows = tune_windows, tune_windows[:config.range_tune]
+        ref = [_log_probs(model, w) for w in tune_windows]
+        quiet_windows, quiet_ref = tune_windows, ref
+        if config.quiet_tune:
+            quiet_windows = calib_windows[:config.quiet_tune]
+            quiet_ref = [top_log_probs(_logits(model, w), tuning.QUIET_TOPK) for w in quiet_windows]
+    for name, lin in tqdm(targets, desc="quantize", unit="linear", disable=not progress):
+        if isinstance(config, LLMInt8):
+            new = _llm_int8(lin, config.threshold)
+        else:
+            act = config.act_for(name)
+            scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
+            if name in clipped:
+                ratio = act_clip_search(stats.value_hists[name][row], scale * 127.0)
+                scale *= ratio
+                act_clips[name] = ratio
+            clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
+            hess = stats.hessians[name] if config.gptq else None
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess)
+        set_module(model, name, new)
+    if spec.experts is not None:
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            if only is not None and i not in only:
+                continue
+            pre = f"{spec.layers}.{i}"
+            gate, _, down = expert_names(spec, pre, 0)
+            acts = (config.act_for(gate) or "none", config.act_for(down) or "none")
+            scales = None
+            if "tensor" in acts:
+                name = f"{pre}.{spec.experts.path}"
+                n = resolve(layer, spec.experts.path).gate_up_proj.shape[0]
+                scales = (torch.full((n,), stats.input_absmax(f"{name}.gate_up").max().item() / 127.0),
+                          torch.tensor([stats.input_absmax(f"{name}.{e}.down").max().item() / 127.0
+                                        for e in range(n)]))
+            ex = resolve(layer, spec.experts.path)
+            set_module(layer, spec.experts.path,
+                       Int8Experts.from_experts(ex, acts, scales, config.fake, config.backend))
+    if act_clips:  # the chosen static-range clips, for the record (compress, study rows)
+        model.outlierq_act_clip = dict(getattr(model, "outlierq_act_clip", {}), **act_clips)
+    if tune:
+        model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress,
+                                                each=config.range_tune_each)
+        if config.quiet_tokens:
+            model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
+                                                           config.quiet_tokens, progress=progress)
+    return model

@@ -1,0 +1,212 @@
+"""Tuning steps on top of plain rounding: the static-range clip of rotated inputs (act_clip), the
+end-to-end range tune by kind (range_tune), and a second static range for quiet tokens
+(quiet_tokens, in memory only)."""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import value_bin_centres
+from ..evaluate import coarse_kl_sum, kl_sum, log_probs_
+from ..models.arch import ArchSpec
+from .modules import Int8Linear, TokenKeys
+from .scheme import ACT_CLIP_GRID, W8A8
+
+
+
+def act_clip_search(hist: torch.Tensor, amax: float, grid: tuple[float, ...] = ACT_CLIP_GRID) -> float:
+    """The ratio r of `grid` whose static int8 step s = r * amax / 127 gives the least expected
+    squared error over the (weighted) values in `hist` (one row of a `calibration.value_histogram`,
+    each bin at its centre): values above 127 s saturate, values below s/2 round to zero, the rest carry the
+    uniform rounding error s^2/12. The MSE calibration of TensorRT and AMD Quark, on a histogram
+    of every value rather than a sample."""
+    v, n = value_bin_centres(), hist.double()
+    r = torch.tensor(grid, dtype=torch.float64)[:, None]
+    s = r * amax / 127.0
+    err = torch.where(v > 127 * s, (v - 127 * s) ** 2, torch.where(v < s / 2, v * v, s * s / 12))
+    return grid[int((err * n).sum(1).argmin())]
+
+
+def act_clip_objective(config: W8A8, spec: ArchSpec) -> str:
+    """The objective W8A8.act_clip_objective stands for on a family ("auto" resolved)."""
+    if config.act_clip_objective != "auto":
+        return config.act_clip_objective
+    return "token" if spec.output_norms else "value"
+
+
+# factors on each kind's static ranges that range_tune tries: a coarse grid in ratio (1.0 is the
+# ranges as calibrated), both ways
+RANGE_TUNE_GRID = (0.55, 0.7, 0.85, 1.0, 1.15, 1.3)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=window[None].to(device), use_cache=False).logits[0]
+
+
+def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    return log_probs_(_logits(model, window).float())
+
+
+@torch.no_grad()
+def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list) -> float:
+    """Mean KL per token of the model's next-token distribution from `ref` on `windows`: each
+    reference full log-probabilities (`kl_sum`) or a `top_log_probs` tuple (`coarse_kl_sum`)."""
+    return sum((coarse_kl_sum if isinstance(r, tuple) else kl_sum)(_logits(model, w), r)
+               for w, r in zip(windows, ref)) / windows.numel()
+
+
+@torch.no_grad()
+def tune_ranges(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor],
+                grid: tuple[float, ...] = RANGE_TUNE_GRID, progress: bool = True,
+                each: tuple[str, ...] = ()) -> dict[str, float]:
+    """Scale the static input ranges (`Int8Linear.input_scale`) of each kind of Linear (the last
+    part of its name: every layer's down_proj together) by the factor of `grid` that gives the
+    least mean KL of the model's next-token distribution from `ref` (the float model's
+    log-probabilities on each of `windows`), one kind at a time in module order, the kinds before
+    it at their chosen factor (coordinate descent, one pass). Then each Linear of the kinds in
+    `each`, in module order, by a factor of `grid` on top of its kind's. Returns {kind: factor},
+    and {Linear name: its own factor} for the Linears of `each`; MoE experts' ranges are left as
+    they are.
+
+    Why by kind first: (kinds) x (grid) forward passes, 36 on Gemma-3, rather than a hundred
+    times that; and a factor shared by 18 layers is hard to overfit on a few windows. `each` adds
+    (Linears of those kinds) x (grid - 1) passes where the numbers say one factor is too coarse."""
+
+    # (name, Linear, its kind, its range as set before tuning)
+    static = [(n, m, n.rsplit(".", 1)[-1], m.input_scale.clone()) for n, m in model.named_modules()
+              if isinstance(m, Int8Linear) and m.act == "tensor"]
+    chosen = dict.fromkeys((k for _, _, k, _ in static), 1.0)
+    own = {n: 1.0 for n, _, k, _ in static if k in each}
+
+    def set_factors(factors: dict[str, float], own: dict[str, float]) -> None:
+        for n, m, k, base in static:
+            m.input_scale.copy_(base * factors[k] * own.get(n, 1.0))
+
+    def score(factors: dict[str, float], own: dict[str, float]) -> float:
+        set_factors(factors, own)
+        return _mean_kl(model, windows, ref)
+
+    best = score(chosen, own)
+    bar = tqdm(total=(len(chosen) + len(own)) * (len(grid) - 1), desc="range tune", unit="pass",
+               disable=not progress)
+    for kind in chosen:
+        for f in grid:
+            if f == chosen[kind]:
+                continue
+            kl = score(dict(chosen, **{kind: f}), own)
+            bar.update()
+            if kl < best:
+                best, chosen[kind] = kl, f
+    for name in own:
+        for f in grid:
+            if f == 1.0:
+                continue
+            kl = score(chosen, dict(own, **{name: f}))
+            bar.update()
+            if kl < best:
+                best, own[name] = kl, f
+    bar.close()
+    set_factors(chosen, own)  # leave the chosen factors in place
+    return {**chosen, **own}
+
+
+# key_quiet_tokens: a row is quiet in a Linear when its largest value is below QUIET_LEVEL of the
+# static range (fewer than 8 of int8's 127 steps); a token id is keyed when at least QUIET_SHARE of
+# its QUIET_MIN_ROWS or more calibration rows are quiet in some Linear of the kind. The quiet
+# range's factors on the Linear's range, tried from 1.0 (the plain static range) down.
+QUIET_LEVEL, QUIET_SHARE, QUIET_MIN_ROWS = 1 / 16, 0.1, 8
+QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+# W8A8.quiet_tune's reference: each position's top tokens kept (`top_log_probs`)
+QUIET_TOPK = 256
+
+
+@torch.no_grad()
+def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torch.Tensor,
+                     ref: list, kinds: tuple[str, ...], grid: tuple[float, ...] = QUIET_GRID,
+                     progress: bool = True) -> dict:
+    """Give each static Int8Linear of `kinds` a second static range for its kind's quiet token ids.
+
+    The ids: those whose rows (a Linear's input as it quantizes it, rotated where it rotates) fall
+    below QUIET_LEVEL of its range in at least QUIET_SHARE of their occurrences on `windows` (the
+    calibration windows) in at least one Linear of the kind; every Linear of the kind keys them.
+    The range: the Linear's own times one factor per kind from `grid`, the one of least KL against
+    `ref` (the float model's log-probabilities on `tune_windows`, full or `top_log_probs`), kinds
+    in turn (as `tune_ranges`). A kind whose best factor is 1.0 keeps no keys: the model is as it was.
+    Returns {"factors": {kind: f}, "ids": {kind: [token ids]}, "quiet_in": {kind: [Linear names
+    where some id met the threshold]}, "kl": {kind: {factor: the mean KL it scored}}}.
+
+    Why the kind's ids in every Linear of it, not each Linear's own: on Gemma-3, keying ' ' only
+    in the down_projs where it passed the threshold (5 of 18, all 142 windows) took the static KL
+    from 0.01718 to 0.01499; keying it in every down_proj, as scripts/quiet_tokens.py does, gave
+    more in its probe (results/quiet_tokens_gemma3-270m.md). A quiet share near the threshold is
+    noise on calibration text, and a keyed row that is loud is clipped at the quiet range, which
+    the factor's tune weighs."""
+
+    # (name, Linear, its kind)
+    lins = [(n, m, n.rsplit(".", 1)[-1]) for n, m in model.named_modules()
+            if isinstance(m, Int8Linear) and m.act == "tensor" and n.rsplit(".", 1)[-1] in kinds]
+    device = next(model.parameters()).device
+    quiet: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in lins}
+
+    def hook(name):
+        def h(m, args):
+            x = args[0] if m.input_rotation is None else m.input_rotation(args[0])
+            amax = x.reshape(-1, m.in_features).abs().amax(-1).float()
+            quiet[name].append((amax < QUIET_LEVEL * 127 * m.input_scale.float()).cpu())
+        return h
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m, _ in lins]
+    try:
+        for w in tqdm(windows, desc="quiet tokens", unit="window", disable=not progress):
+            model(input_ids=w[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    uniq, inv, count = torch.unique(windows.reshape(-1), return_inverse=True, return_counts=True)
+    found: dict[str, torch.Tensor] = {}  # kind -> whether each of `uniq` is quiet somewhere in it
+    quiet_in: dict[str, list[str]] = {}
+    for n, _, kind in lins:
+        share = torch.zeros(len(uniq)).index_add_(0, inv, torch.cat(quiet[n]).float()) / count
+        hit = (count >= QUIET_MIN_ROWS) & (share >= QUIET_SHARE)
+        found[kind] = found.get(kind, torch.zeros_like(hit)) | hit
+        if hit.any():
+            quiet_in.setdefault(kind, []).append(n)
+    ids = {k: uniq[hit].tolist() for k, hit in found.items() if hit.any()}
+    if not ids:
+        return {"factors": {}, "ids": {}, "quiet_in": {}, "kl": {}}
+    keys = TokenKeys()
+    keyed = [(n, m, k) for n, m, k in lins if k in ids]
+    for _, m, k in keyed:
+        m.token_ids, m.token_scale, m.token_keys = torch.tensor(ids[k], device=device), m.input_scale.clone(), keys
+    hooks = [model.register_forward_pre_hook(keys.enter, with_kwargs=True),
+             model.register_forward_hook(keys.leave, with_kwargs=True)]
+    factors = dict.fromkeys(ids, 1.0)
+
+    def score(fs: dict[str, float]) -> float:
+        for _, m, k in keyed:
+            m.token_scale.copy_(m.input_scale * fs[k])
+        return _mean_kl(model, tune_windows, ref)
+
+    best = score(factors)
+    tried: dict[str, dict[float, float]] = {}  # each factor's KL, the kinds before at their choice
+    for kind in factors:
+        tried[kind] = {factors[kind]: best}
+        for f in grid:
+            if f == factors[kind]:
+                continue
+            kl = tried[kind][f] = score(dict(factors, **{kind: f}))
+            if kl < best:
+                best, factors[kind] = kl, f
+    score(factors)
+    for n, m, k in keyed:  # a kind whose quiet range stayed the plain one keeps no keys
+        if factors[k] == 1.0:
+            m.token_ids = m.token_scale = m.token_keys = None
+    ids = {k: v for k, v in ids.items() if factors[k] != 1.0}
+    if not ids:
+        for h in hooks:
+            h.remove()
+    return {"factors": factors, "ids": ids, "quiet_in": quiet_in, "kl": tried}

@@ -7,6 +7,7 @@ users. In the spirit of llm-compressor's `oneshot`, with a short signature:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from .calibration import ActivationStats, calibrate
 from .errors import OutlierqError
 from .mitigate.recipe import CHOSEN, mitigate, parse_recipe, recipe_to_list
 from .mitigate.registry import lookup
+from .mitigate.smoothquant import SmoothQuant
 from .models.prepare import prepare
 from .models.arch import get_arch
 from .quant import LLMInt8, W8A8, act_clip_objective, quantize_
@@ -89,9 +91,10 @@ def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Modu
         if model is None:
             return []
         recipe = default_recipe(get_arch(model), act, layer_by_layer)
-    if isinstance(recipe, str):
-        return parse_recipe(recipe.format(act=act))
-    return list(recipe)
+    configs = parse_recipe(recipe.format(act=act)) if isinstance(recipe, str) else list(recipe)
+    # a SmoothQuant search scores for the activations the scheme quantizes (unless the recipe says)
+    return [dataclasses.replace(c, act=act) if isinstance(c, SmoothQuant) and c.act is None else c
+            for c in configs]
 
 
 def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,

@@ -224,10 +224,31 @@ def test_token_objective_weighs_every_row_alike():
     ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),
 ])
 def test_auto_recipe_is_the_family_default(family, act, want):
-    from outlierq.pipeline import DEFAULTS, compress, default_recipe
+    from outlierq.pipeline import DEFAULTS, compress, default_recipe, resolve_recipe
 
     model = tiny_model(family)
     res = compress(model, None, "auto", W8A8(act=act), token_batch(4, 16), progress=False)
     assert [next(iter(d)) for d in recipe_to_list(res.recipe)] == want
     spec = default_recipe(get_arch(model), act)
-    assert spec in DEFAULTS.values() and recipe_to_list(res.recipe) == recipe_to_list(parse_recipe(spec.format(act=act)))
+    assert spec in DEFAULTS.values() and recipe_to_list(res.recipe) == recipe_to_list(resolve_recipe(spec, act))
+    assert all(c.act == act for c in res.recipe if isinstance(c, SmoothQuant))
+
+
+def test_smoothquant_search_scores_for_the_schemes_activations():
+    """A recipe's own `smoothquant:alpha=search` (no act) searches for the activations the scheme
+    quantizes: with static activations it picks what act=tensor picks, and says so in the record."""
+    from outlierq.pipeline import compress
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    windows = token_batch(8, 24, seed=3)
+
+    def run(recipe, act):
+        m = copy.deepcopy(model)
+        res = compress(m, None, recipe, W8A8(act=act), windows, progress=False)
+        return res.record["recipe"][0]["smoothquant"]["act"], res.record["smoothquant_alpha"]
+
+    mine, explicit = run("smoothquant:alpha=search", "tensor"), run("smoothquant:alpha=search,act=tensor", "tensor")
+    assert mine == explicit and mine[0] == "tensor"
+    token = run("smoothquant:alpha=search", "token")
+    assert token == run("smoothquant:alpha=search,act=token", "token") and token[0] == "token"
+    assert token[1] != mine[1]  # the two objectives pick differently on this model (else the test proves nothing)

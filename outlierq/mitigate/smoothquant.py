@@ -29,7 +29,9 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 class SmoothQuant:
     alpha: float | None = 0.5            # None: search per group over alpha_grid
     pairs: bool = True                   # also smooth v->o and up->down (no norm between)
-    act: Literal["token", "tensor"] = "token"   # the quantizer the alpha search scores for
+    # the quantizer the alpha search scores for; None: the scheme's activation mode (filled in by
+    # `pipeline.resolve_recipe`), per token when mitigating on its own
+    act: Literal["token", "tensor"] | None = None
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     clamp: float = 1e-5                  # floor for both maxima: a zero channel gives no inf/NaN
     # the search's score: "sum" = total squared output error / total output energy over the kept
@@ -41,7 +43,7 @@ class SmoothQuant:
         num = is_number
         if self.alpha is not None and not (num(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise OutlierqError(f"SmoothQuant alpha must be a number in [0, 1] or search, got {self.alpha!r}")
-        if self.act not in ("token", "tensor"):
+        if self.act not in ("token", "tensor", None):
             raise OutlierqError(f"SmoothQuant act must be token or tensor, got {self.act!r}")
         if not isinstance(self.pairs, bool):
             raise OutlierqError(f"SmoothQuant pairs must be true or false, got {self.pairs!r}")
@@ -103,9 +105,10 @@ def _choose(cfg: SmoothQuant, xr: torch.Tensor, wr: torch.Tensor, ws: list[torch
         raise OutlierqError("SmoothQuant alpha search needs kept calibration rows: calibrate with "
                             "keep_rows > 0 (CLI: --keep-rows 256)")
     expand = (lambda f: f) if cmap is None else (lambda f: f[cmap])
-    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), cfg.act, x_max, cfg.objective), None
+    act = cfg.act or "token"
+    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), act, x_max, cfg.objective), None
     for a in cfg.alpha_grid:
-        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), cfg.act, x_max, cfg.objective)
+        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), act, x_max, cfg.objective)
         if err < best_err:
             best_err, best_a = err, a
     if best_a is None:

@@ -401,18 +401,26 @@ def load(path: str | Path, device: str = "cpu"):
 
     d = Path(path)
     verify(d)
-    cfg = AutoConfig.from_pretrained(d)
+    cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
     qc = getattr(cfg, "quantization_config", None)
-    tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").exists() else None
+    tok = None
+    if (d / "tokenizer_config.json").exists():
+        try:
+            tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        except ValueError as e:  # (transformers' refusal of auto_map code, among others)
+            raise OutlierqError(f"the tokenizer of {d} does not load without running its own code "
+                                f"({str(e).splitlines()[0][:120]}); outlierq never runs checkpoint code") from None
     if qc is None:
         model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True)
         prepare(model)  # unsupported families fail here too
         return model.eval().requires_grad_(False), tok
     qc = qc if isinstance(qc, dict) else qc.to_dict()
+    _check_quantization_config(d, qc)
     del cfg.quantization_config
     # Built for real (not on the meta device) so non-persistent buffers such as rotary
     # frequencies are initialised; the weights are then replaced by the checkpoint's.
-    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32,
+                                             trust_remote_code=False)
     prepare(model)  # Conv1D -> Linear as everywhere else; unsupported families fail here
     spec = get_arch(model)
     for name, m in list(model.named_modules()):
@@ -447,6 +455,24 @@ def load(path: str | Path, device: str = "cpu"):
         raise OutlierqError(f"{d}: checkpoint does not match its config (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     return model.to(device).eval().requires_grad_(False), tok
+
+
+def _check_quantization_config(d: Path, qc: dict) -> None:
+    """One line for a quantization_config that is not W8A8 as outlierq writes it (a hand-edited or
+    foreign export), before anything reads it."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise OutlierqError(f"{d}/config.json: quantization_config has no config_groups; not an outlierq W8A8 export")
+    for name, g in groups.items():
+        w = g.get("weights") if isinstance(g, dict) else None
+        a = g.get("input_activations") if isinstance(g, dict) else None
+        if not isinstance(g.get("targets") if isinstance(g, dict) else None, list) or not isinstance(w, dict) \
+                or w.get("num_bits") != 8 or w.get("type") != "int" or not isinstance(a, dict) \
+                or a.get("strategy") not in ("token", "tensor") or a.get("num_bits") != 8:
+            raise OutlierqError(f"{d}/config.json: config group {name!r} is not W8A8 as outlierq reads it "
+                                "(int8 weights with targets, per-token or per-tensor int8 input activations)")
+    if not isinstance(qc.get("ignore", []), list):
+        raise OutlierqError(f"{d}/config.json: quantization_config ignore must be a list")
 
 
 def _load_rotations(model: nn.Module, qc: dict, sd: dict) -> None:

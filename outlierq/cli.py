@@ -234,6 +234,13 @@ def _scheme(a, layer_by_layer: bool = False):
 
     token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
     if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
+        given = [f for f, on in (("--int8-head", getattr(a, "int8_head", False)), ("--token-for", token_for),
+                                 ("--weight-clip", getattr(a, "weight_clip", False)), ("--gptq", getattr(a, "gptq", None)),
+                                 ("--act-clip", getattr(a, "act_clip", None)), ("--range-tune", getattr(a, "range_tune", 0)),
+                                 ("--act tensor", getattr(a, "act", "token") == "tensor")) if on]
+        if given:
+            raise OutlierqError(f"--format fp writes the float model: {given[0]} has nothing to quantize "
+                                "(drop it, or export compressed-tensors)")
         return None
     tune = getattr(a, "range_tune", 0)
     if tune and getattr(a, "stats", None):

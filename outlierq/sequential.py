@@ -96,7 +96,7 @@ def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     if get_arch(model).inferred:  # its structure is proven on a probe forward of the whole model
         raise OutlierqError(f"{type(model).__name__}: layer by layer (--sequential) needs one of the "
                             "hand-written families for now; run it in memory (without --sequential)")

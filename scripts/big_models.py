@@ -62,7 +62,7 @@ def one(a) -> dict:
     # the same windows for both pipelines: wikitext2's calibration split (seed 0), or random ids
     calib = (torch.randint(0, cfg["vocab_size"], (a.samples, a.seqlen), generator=torch.Generator().manual_seed(0))
              if a.random_tokens else Calibration(samples=a.samples, seqlen=a.seqlen))
-    tok = None if a.random_tokens else AutoTokenizer.from_pretrained(path)
+    tok = None if a.random_tokens else AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     rec: dict = {}
     if a.pipeline == "memory":
         model, _ = load_model(str(path), dtype)

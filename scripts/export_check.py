@@ -69,7 +69,7 @@ def main() -> None:
     del ours
 
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=False).eval()
     hf_ppl = perplexity(hf, ids, 2048, a.windows)
     hf_logits = _logits(hf, first)
     hf_diff = (hf_logits - ref).abs().max().item()

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         name = Path(a.model).name if Path(a.model).exists() else a.model
         rows = []
         for d, label in [(float_dir, "float32")] + exports:
-            qc = getattr(AutoConfig.from_pretrained(d), "quantization_config", None) or {}
+            qc = getattr(AutoConfig.from_pretrained(d, trust_remote_code=False), "quantization_config", None) or {}
             groups = list((qc if isinstance(qc, dict) else qc.to_dict()).get("config_groups", {}).values())
             act = "none" if not groups else groups[0]["input_activations"]["strategy"]
             served = serve(d, wins, gen_tokens=a.gen, speed_repeats=a.repeats)

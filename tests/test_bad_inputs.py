@@ -316,3 +316,51 @@ def test_scheme_patterns_must_be_tuples():
 
     with pytest.raises(OutlierqError, match="takes a tuple"):
         W8A8(skip="lm_head")
+
+
+def test_remote_code_in_an_exports_tokenizer_is_never_run(capsys, ws, model_dir, monkeypatch, tmp_path):
+    """An export whose tokenizer config maps to code beside it (manifest recomputed, as a hostile
+    sender would): outlierq.load never asks to run it and never runs it."""
+    import io
+
+    from outlierq.checkpoint import MANIFEST, _sha256, load
+
+    d = _export(ws, model_dir)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    marker = tmp_path / "ran"
+    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                               "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (d / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(d.iterdir())
+                                      if p.is_file() and p.name != MANIFEST))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a prompt would read this and run it
+    from outlierq.errors import OutlierqError
+
+    with pytest.raises(OutlierqError, match="never runs checkpoint code"):
+        load(d)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda qc: qc.pop("config_groups"),
+    lambda qc: qc["config_groups"]["group_0"].update(input_activations=None),
+    lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=4),
+    lambda qc: qc.update(ignore="lm_head"),
+])
+def test_an_export_config_that_is_not_w8a8_gets_one_line(capsys, ws, model_dir, edit):
+    from outlierq.checkpoint import MANIFEST, _sha256
+
+    d = _export(ws, model_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(d.iterdir())
+                                      if p.is_file() and p.name != MANIFEST))
+    _fails(capsys, ["ppl", "--model", str(d), "--seqlen", "16", "--windows", "1"], "config.json", ws)
+
+
+@pytest.mark.parametrize("flag", [["--int8-head"], ["--act", "tensor"], ["--gptq"], ["--range-tune", "2"]])
+def test_quantizer_flags_with_the_float_format_are_refused(capsys, ws, model_dir, flag):
+    _fails(capsys, ["export", "--model", str(model_dir), "--format", "fp", "--out", "fp"] + flag + QUICK,
+           f"{flag[0]}", ws)

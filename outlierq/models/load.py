@@ -81,9 +81,9 @@ def _convert_gguf(path: Path) -> Path:
         return target
     print(f"outlierq: converting {path.name} to float (once); cached at {target}", flush=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable GGUF
         raise OutlierqError(f"could not read GGUF file {path}: {e}") from None
     _forget_gguf(model)

@@ -135,6 +135,15 @@ ROWS = [
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ",
      "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down", "both+gptq"),
+    # the same, one dense block over the whole width (block=4096: the largest Hadamard order up to
+    # 4096 that divides it; SmolLM2's split width 1664 = 16 x 104, Gemma-3's 2048)
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096", "both+gptq"),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ + act clip auto",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,block=4096", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + act clip auto",
      "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down",
      W8A8(act="tensor", gptq=True, act_clip=True)),

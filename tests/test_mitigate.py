@@ -219,7 +219,7 @@ def test_token_objective_weighs_every_row_alike():
     ("Gemma3ForCausalLM", "token", ["smoothquant"]),
     ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
     ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant", "rotate_down"]),
-    ("LlamaForCausalLM", "tensor", ["split", "smoothquant"]),
+    ("LlamaForCausalLM", "tensor", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("MixtralForCausalLM", "token", ["split", "smoothquant"]),
     ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),
 ])

@@ -312,8 +312,11 @@ def _transform_config(model: nn.Module, rotated: list[str]) -> dict[str, Any]:
         if any(not torch.equal(x, blocks[0]) for x in blocks[1:]):
             raise OutlierqError(f"rotate_down's {b}-block differs between Linears; vLLM applies one block per "
                                 "order: rotate with one rotate_down step")
+        # targets anchored at the decoder-layer list, not the model's root: vLLM renames the root of
+        # some families (Gemma-3's language_model) and maps quantization targets, not transform ones
+        targets = [f"re:.*{t[t.index('layers'):]}" if "layers" in t else t for t in _targets(names, everyone)]
         groups[_scheme(b)] = TransformScheme(type="random-hadamard", head_dim=b, apply=[
-            TransformArgs(targets=_targets(names, everyone), location="input")])
+            TransformArgs(targets=targets, location="input")])
     return TransformConfig(config_groups=groups).model_dump(mode="json")
 
 

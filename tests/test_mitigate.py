@@ -216,12 +216,12 @@ def test_token_objective_weighs_every_row_alike():
 
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
 @pytest.mark.parametrize("family, act, want", [
-    ("Gemma3ForCausalLM", "token", ["smoothquant"]),
+    ("Gemma3ForCausalLM", "token", ["smoothquant", "rotate_down"]),
     ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
     ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("LlamaForCausalLM", "tensor", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("MixtralForCausalLM", "token", ["split", "smoothquant"]),
-    ("Gemma3ForConditionalGeneration", "token", ["smoothquant"]),
+    ("Gemma3ForConditionalGeneration", "token", ["smoothquant", "rotate_down"]),
 ])
 def test_auto_recipe_is_the_family_default(family, act, want):
     from outlierq.pipeline import DEFAULTS, compress, default_recipe, resolve_recipe

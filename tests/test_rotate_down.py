@@ -418,6 +418,10 @@ def test_block_rotation_exports_as_a_transform_and_reloads_bit_identically(tmp_p
     assert (name, scheme["type"], scheme["head_dim"]) == ("R4_32", "random-hadamard", 32)
     (args,), = [scheme["apply"]]
     assert args["location"] == "input" and not args["inverse"]
+    from outlierq.quant import matches  # (compressed-tensors' rule: re.match on the full name)
+    for root in ("model.", "language_model.model."):  # (vLLM renames some families' root)
+        assert matches(f"{root}layers.1.mlp.down_proj", args["targets"])
+        assert not matches(f"{root}layers.1.mlp.up_proj", args["targets"]) or inputs == "all"
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     stored = sorted(k for k in sd if k.endswith(".R4_32_input.weight"))

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from .calibration import ActivationStats
 from .detection import detect
-from .errors import OutlierqError
+from .errors import OutlierqError, OutlierqNotice
 from .provenance import atomic_dir, check_target, output_files, stamp
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
@@ -287,6 +288,10 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
         config.quantization_config = _quantization_config(model, kept_float, expert_format)
         if rotated:
             config.quantization_config["transform_config"] = _transform_config(model, rotated)
+            warnings.warn("this checkpoint rotates Linear inputs online (rotate_down, a compressed-tensors "
+                          "transform_config): vLLM and outlierq.load apply it, transformers 5 does not (it would "
+                          "skip the R4_* tensors and compute another function); for transformers, export a "
+                          "recipe without rotate_down", OutlierqNotice, stacklevel=3)
     return config
 
 

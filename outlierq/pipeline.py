@@ -84,11 +84,15 @@ class CompressResult:
 
 def default_recipe(spec, act: str = "token", layer_by_layer: bool = False) -> str:
     """The recipe "auto" stands for, for a family (its `ArchSpec`) and activation mode. Layer by
-    layer, rotation (which changes the embeddings and every layer at once) is left out."""
+    layer, rotation (which changes the embeddings and every layer at once) and rotate_down are
+    left out."""
     act = "tensor" if act == "tensor" else "token"
     group = ("gemma" if spec.family.startswith("gemma") else
              "rotatable" if spec.rotatable and not layer_by_layer else spec.family)
-    return DEFAULTS.get((group, act)) or DEFAULTS[("*", act)]
+    recipe = DEFAULTS.get((group, act)) or DEFAULTS[("*", act)]
+    if layer_by_layer:  # (rotate_down recalibrates the mitigated model, which needs all of it)
+        recipe = "+".join(p for p in recipe.split("+") if p.partition(":")[0] != "rotate_down")
+    return recipe
 
 
 def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Module | None = None,

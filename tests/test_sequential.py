@@ -66,7 +66,9 @@ def test_cli_sequential_matches_in_memory_and_is_chosen_when_too_big(tmp_path, m
     from outlierq.cli import main
 
     src = tiny_model_dir(tmp_path / "src", "Gemma3ForCausalLM")
-    quick = ["--samples", "6", "--seqlen", "32", "--batch-size", "4", "--model", str(src)]
+    # (one recipe for all three: in memory, auto adds rotate_down, which layer by layer leaves out)
+    quick = ["--samples", "6", "--seqlen", "32", "--batch-size", "4", "--model", str(src),
+             "--recipe", "smoothquant:alpha=0.8"]
     # (GPTQ, on by default in memory, does not run layer by layer: compare round-to-nearest)
     assert main(["quantize", "--out", str(tmp_path / "mem"), "--no-gptq"] + quick) == 0
     assert main(["quantize", "--out", str(tmp_path / "seq"), "--sequential"] + quick) == 0

@@ -281,6 +281,7 @@ def _calibration(a):
 def _prepare(a):
     """Load, then outlierq.compress: calibrate (or read stats), mitigate, quantize."""
     from . import load_model
+    from .mitigate.registry import lookup
     from .pipeline import Calibration, calibration_windows, compress, resolve_recipe
 
     from .checkpoint import check_exportable
@@ -289,8 +290,9 @@ def _prepare(a):
     scheme, calib = _scheme(a), _calibration(a)
     model, tok = load_model(a.model, a.dtype)
     again = None
-    if not isinstance(calib, Calibration):  # saved statistics: a step that recalibrates the mitigated
-        # model (rotate_down) records it on the windows the calibration flags name
+    if not isinstance(calib, Calibration) and any(lookup(c).recalibrates for c in resolve_recipe(a.recipe, a.act, model)):
+        # saved statistics: a step that recalibrates the mitigated model (rotate_down) records it
+        # on the windows the calibration flags name
         again = calibration_windows(model, tok, Calibration(a.calib_data, a.samples, a.seqlen, a.seed))
     result = compress(model, tok, a.recipe, scheme, calib, check_stats=not getattr(a, "force_stats", False),
                       recalibrate_on=again)

@@ -446,3 +446,20 @@ def test_a_transform_outlierq_does_not_apply_is_refused():
         qc = {"transform_config": {"config_groups": {"R": {**bad, "apply": [args]}}}}
         with pytest.raises(OutlierqError, match="not one outlierq applies"):
             _load_rotations(model, qc, {})
+
+
+def test_cli_with_saved_statistics_recalibrates_on_the_flags_windows(tmp_path):
+    import json
+
+    from outlierq.cli import main
+    from conftest import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", "LlamaForCausalLM")
+    quick = ["--samples", "4", "--seqlen", "16", "--batch-size", "2"]
+    assert main(["calibrate", "--model", str(src), "--out", str(tmp_path / "s.safetensors")] + quick) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["quantize", "--model", str(src), "--stats", str(tmp_path / "s.safetensors"), "--recipe",
+                     "smoothquant:alpha=0.5+rotate_down:block=32", "--out", str(tmp_path / "q")] + quick) == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert list(qc["transform_config"]["config_groups"]) == ["R4_32"]

@@ -497,8 +497,10 @@ def _load_rotations(model: nn.Module, qc: dict, sd: dict) -> None:
         for mod_name, m in list(model.named_modules()):
             if isinstance(m, Int8Linear) and any(matches(mod_name, a["targets"]) for a in args):
                 key = f"{mod_name}.{name}_input.weight"
-                if key not in sd:
-                    raise OutlierqError(f"checkpoint has no {key}, which its transform {name!r} needs")
+                b = scheme["head_dim"]
+                if key not in sd or tuple(sd[key].shape) != (b, b) or m.in_features % b:
+                    raise OutlierqError(f"checkpoint has no {b} x {b} {key} for its {m.in_features}-wide input, "
+                                        f"which its transform {name!r} needs")
                 sd[f"{mod_name}.input_rotation.matrix"] = sd.pop(key)  # (loaded with the rest)
                 m.input_rotation = BlockRotation(torch.empty_like(sd[f"{mod_name}.input_rotation.matrix"]))
 

@@ -114,6 +114,15 @@ def _check_memory(shapes: list[tuple[int, int]], dtypes: list[str], device: str)
                                 f"GiB are free on {device}: choose smaller --shapes")
 
 
+def is_bench_table(path: Path) -> bool:
+    """A kernels table `outlierq bench` wrote (its header), so --out never replaces a user's file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("op,backend,M,N,dtype,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[str], device: str,
                   out_dir: str | Path, budget_s: float = 1.0, compiled: bool = False) -> list[dict]:
     """Time every backend of each op at each shape and dtype; write <out_dir>/kernels_<device>.csv.

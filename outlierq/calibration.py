@@ -160,7 +160,7 @@ class ActivationStats:
 
     # ---- persistence: safetensors + JSON metadata -------------------------------------------
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from .provenance import save_tensors
 
         tensors: dict[str, torch.Tensor] = {}
         for kind, table in (("in", self.inputs), ("res", self.residual)):
@@ -183,7 +183,7 @@ class ActivationStats:
                     tokens_in={k: v.tokens for k, v in self.inputs.items()},
                     tokens_res={k: v.tokens for k, v in self.residual.items()})
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"outlierq": json.dumps(meta)})
+            save_tensors(tensors, tmp, {"outlierq": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":

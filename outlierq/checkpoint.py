@@ -28,7 +28,7 @@ from torch import nn
 from .calibration import ActivationStats
 from .detection import detect
 from .errors import OutlierqError, OutlierqNotice
-from .provenance import atomic_dir, check_target, output_files, stamp
+from .provenance import atomic_dir, check_target, output_files, save_tensors, stamp
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
 from .quant import Int8Experts, Int8Linear, expert_names, matches
@@ -180,8 +180,6 @@ def _expert_tensors(ex: nn.Module, spec, pre: str, dtype: torch.dtype, expert_fo
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], d: Path, max_shard: int) -> None:
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in tensors.items():
@@ -192,12 +190,12 @@ def _write_shards(tensors: dict[str, torch.Tensor], d: Path, max_shard: int) -> 
         shards[-1][k] = t
         size += n
     if len(shards) == 1:
-        save_file(shards[0], str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], d / "model.safetensors", {"format": "pt"})
         return
     weight_map = {}
     for i, sh in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, str(d / fname), metadata={"format": "pt"})
+        save_tensors(sh, d / fname, {"format": "pt"})
         weight_map.update({k: fname for k in sh})
     write_index(d, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
 
@@ -329,7 +327,7 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
                  stats: ActivationStats | None, extra: dict | None) -> None:
     """Everything beside the weight shards (already in `tmp`): config, generation config,
     tokenizer, outlierq.json, and last the SHA256SUMS manifest over every file."""
-    from .mitigate.recipe import CHOSEN, recipe_to_list
+    from .mitigate.recipe import CHOSEN, applied, recipe_to_list
 
     config.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
@@ -337,7 +335,10 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         gen.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    info = {"format": fmt, "recipe": recipe_to_list(recipe or []), **stamp(), **(extra or {})}
+    steps, skipped = applied(model, recipe or [])
+    info = {"format": fmt, "recipe": recipe_to_list(steps), **stamp(), **(extra or {})}
+    if skipped:
+        info["skipped"] = skipped
     if stats is not None:
         info["calibration"] = {k: v for k, v in stats.meta.items()
                                if k in ("model", "data", "samples", "seqlen", "seed", "tokens")}

@@ -208,7 +208,8 @@ def _cmd_report(a) -> None:
 
 
 def _cmd_bench(a) -> None:
-    from .bench import bench_kernels
+    from .bench import bench_kernels, is_bench_table
+    from .provenance import check_file_target
 
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
@@ -218,6 +219,7 @@ def _cmd_bench(a) -> None:
     for d in a.dtypes.split(","):
         if d not in ("fp32", "bf16", "fp16"):
             raise OutlierqError(f"unknown dtype {d!r} in --dtypes; use fp32, bf16, fp16")
+    check_file_target(Path(a.out) / f"kernels_{a.device}.csv", "benchmark table", is_bench_table)
     bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget, a.compiled)
 
 
@@ -361,9 +363,8 @@ _cmd_export = _cmd_quantize
 def _cmd_run(a) -> None:
     from . import data, load_model, perplexity
     from .checkpoint import dir_mb, export, state_bytes, summarize
-    from .provenance import stamp, write_json
-
-    from .provenance import check_file_target, is_record
+    from .mitigate.recipe import applied, recipe_to_list
+    from .provenance import check_file_target, is_record, stamp, write_json
 
     a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
     _check_out(a, "checkpoint")
@@ -383,13 +384,13 @@ def _cmd_run(a) -> None:
                   f"max|x| {r['absmax']:9.1f}  ({r['absmax'] / max(r['median_channel_absmax'], 1e-9):.0f}x median)")
     out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite,
                  inputs=_inputs(a), extra=_scheme_record(a))
+    steps, skipped = applied(model, recipe)
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
     size = dir_mb(out)
-    from .mitigate.recipe import recipe_to_list
-
-    rec = {"model": a.model, "recipe": a.recipe, "recipe_resolved": recipe_to_list(recipe), "act": a.act,
+    rec = {"model": a.model, "recipe": a.recipe, "recipe_resolved": recipe_to_list(steps),
+           **({"skipped": skipped} if skipped else {}), "act": a.act,
            **_scheme_record(a), "export": str(out),
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
@@ -488,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signum = e.args[0] if isinstance(e, _Terminated) else signal.SIGINT
-        print(f"outlierq: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        if "OUTLIERQ_LAUNCHED" not in os.environ:  # (a rank of `--nproc`: the launcher says it once)
+            print(f"outlierq: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
         return 128 + int(signum)
     except OSError as e:  # a full disk, a permission problem: name the path, leave nothing partial
         print(f"outlierq: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)

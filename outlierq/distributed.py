@@ -6,11 +6,12 @@ int64 counts with SUM, top-k entries and kept rows gathered and put back in batc
 are drawn per (seed, batch, tensor), so they are the very rows a one-process run keeps. Rank 0
 mitigates, quantizes and writes; the other ranks write nothing.
 
-    torchrun --nproc-per-node 2 -m outlierq calibrate ...      (or: outlierq calibrate --nproc 2)
+    outlierq calibrate --nproc 2 ...        (or: torchrun --nproc-per-node 2 -m outlierq calibrate ...)
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ def rank_world() -> tuple[int, int]:
 def init_from_env() -> None:
     """Join the process group torchrun describes in the environment (no-op without one)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun (each rank in its own session): die with it
+            die_with_parent()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -35,14 +38,111 @@ def is_writer() -> bool:
     return rank_world()[0] == 0
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: ask the kernel to send `sig` to this process when its parent dies (even by SIGKILL),
+    so no launched process outlives the `outlierq` that started it. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request: act on it now
+        os.kill(os.getpid(), sig)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Launched:
+    """The ranks, owned: one process group of our making; SIGINT/SIGTERM/SIGHUP to us are
+    forwarded to it (the handlers are set before the first rank starts, so none is lost); each rank
+    dies with us, SIGKILL included (`die_with_parent`)."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        self.signals: list[int] = []
+
+    def forward(self, signum, frame) -> None:
+        self.signals.append(signum)
+        self.kill(signum)
+
+    def kill(self, sig: int) -> None:
+        if self.procs:
+            try:
+                os.killpg(self.procs[0].pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait(self) -> int:
+        """The first non-zero exit code (the other ranks are then stopped), else 0."""
+        rc = 0
+        live = list(self.procs)
+        while live:
+            for p in list(live):
+                try:
+                    code = p.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                live.remove(p)
+                if code != 0 and rc == 0:
+                    rc = code
+                    self.kill(signal.SIGTERM)  # a rank failed: the others would wait on it forever
+        return rc
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m outlierq <argv>` under torchrun with `nproc` processes on this machine; each
-    process gets an equal share of the CPU threads. Returns torchrun's exit code."""
+    """Run `python -m outlierq <argv>` as `nproc` ranks on this machine (what torchrun's
+    --standalone does, without a supervisor process whose own shutdown prints tracebacks); each rank
+    gets an equal share of the CPU threads. Returns the first failing rank's exit code, or 128 +
+    the signal that stopped the run, after every rank has gone."""
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "outlierq", *argv]
-    return subprocess.call(cmd, env=env)
+    base = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                OUTLIERQ_LAUNCHED="1")
+    run = _Launched()
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, run.forward) for s in sigs}
+    try:
+        for r in range(nproc):
+            if run.signals:
+                break
+            pgid = run.procs[0].pid if run.procs else 0
+
+            def child(pgid=pgid):
+                os.setpgid(0, pgid)  # rank 0 leads a new group; the others join it
+                die_with_parent()
+
+            env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+            run.procs.append(subprocess.Popen([sys.executable, "-m", "outlierq", *argv], env=env,
+                                              preexec_fn=child))
+        if run.signals:  # arrived while the ranks were starting
+            run.kill(run.signals[0])
+        rc = run.wait()
+    finally:
+        if any(p.poll() is None for p in run.procs):  # (an exception while waiting)
+            run.kill(signal.SIGKILL)
+            for p in run.procs:
+                p.wait()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if run.signals:
+        name = signal.Signals(run.signals[0]).name
+        print(f"outlierq: interrupted ({name}); stopped the {nproc} processes, nothing was written", file=sys.stderr)
+        return 128 + int(run.signals[0])
+    if rc < 0 or rc > 128:  # a rank stopped by a signal sent to it alone (the OOM killer, a user)
+        sig = -rc if rc < 0 else rc - 128
+        print(f"outlierq: a rank was stopped by signal {sig}; stopped the others, nothing was written",
+              file=sys.stderr)
+        return 128 + sig
+    return rc
 
 
 def _reduce(tensors: list[torch.Tensor], op) -> list[torch.Tensor]:

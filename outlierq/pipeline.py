@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibration import ActivationStats, calibrate
 from .errors import OutlierqError
-from .mitigate.recipe import CHOSEN, mitigate, parse_recipe, recipe_to_list
+from .mitigate.recipe import CHOSEN, applied, mitigate, parse_recipe, recipe_to_list
 from .mitigate.registry import lookup
 from .mitigate.smoothquant import SmoothQuant
 from .models.prepare import prepare
@@ -178,7 +178,9 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     if scheme is not None:
         quantize_(model, scheme, mitigated, progress=progress, check_stats=check_stats, tune_windows=windows)
     configs = first + configs
-    record = {"recipe": recipe_to_list(configs), "scheme": asdict(scheme) if scheme is not None else None,
+    steps, skipped = applied(model, configs)
+    record = {"recipe": recipe_to_list(steps), **({"skipped": skipped} if skipped else {}),
+              "scheme": asdict(scheme) if scheme is not None else None,
               "calibration": calib_info, "calibrate_seconds": calib_s,
               "mitigate_quantize_seconds": time.perf_counter() - t0,
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}

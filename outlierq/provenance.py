@@ -84,11 +84,49 @@ def _kind_of_dir(path: Path) -> str | None:
     return None
 
 
+def check_writable(path: str | os.PathLike, kind: str) -> None:
+    """Before any work: `path` can be written. Not a dangling symlink; the nearest existing parent
+    is a directory we can create a file in (probed for real: a read-only mount, a full quota or
+    permissions all show here, not after an hour of calibration). Creates nothing that stays."""
+    p = Path(path).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise OutlierqError(f"{p} is a symlink to {os.readlink(p)}, which does not exist; "
+                            f"choose another path for the {kind}")
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutlierqError(f"cannot write the {kind} at {p}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".outlierq-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutlierqError(f"cannot write the {kind} in {parent}: {e.strerror or e}") from None
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its write errors as the OSError they are (a full disk reaches
+    the CLI as one line naming the path, not a SafetensorError traceback)."""
+    import errno
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        msg = str(e)
+        code = errno.ENOSPC if "os error 28" in msg or "No space" in msg else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else msg, str(path)) from None
+
+
 def check_target(path: str | os.PathLike, kind: str, overwrite: bool = False,
                  inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Refuse, with one line, to write outlierq output `kind` at `path` unless `path` is new, an
     empty directory, or (with `overwrite`) a directory outlierq wrote as the same kind. Never the
     home directory, the current directory, `/`, an input or a directory holding an input."""
+    check_writable(path, kind)
     p = Path(path).expanduser().resolve()
     danger: dict[Path, str] = {}
     for d, what in ((Path(p.anchor), "the file-system root"), (Path.home().resolve(), "your home directory"),
@@ -118,6 +156,7 @@ def check_target(path: str | os.PathLike, kind: str, overwrite: bool = False,
 def check_file_target(path: str | os.PathLike, kind: str, is_kind) -> None:
     """A file output replaces only a file outlierq wrote as the same kind (`is_kind(path)`)."""
     p = Path(path).expanduser()
+    check_writable(p, kind)
     if p.is_dir():
         raise OutlierqError(f"{p} is a directory; give a file name for the {kind}")
     if p.exists() and not is_kind(p):
@@ -138,17 +177,39 @@ def clean_abandoned(parent: Path, name: str) -> None:
     a replaced output caught mid-swap is put back where it was."""
     target = parent / name
     for d in parent.glob(f".{name}{_TMP_TAG}*"):
-        try:
-            pid = json.loads((d / _PARTIAL).read_text())["pid"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not recognisably ours: leave it alone
-        if pid == os.getpid() or _alive(pid):
-            continue
+        pid = _marked_pid(d)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue  # not recognisably ours, or still being written
         if (d / "replaced").is_dir() and not target.exists():
             os.replace(d / "replaced", target)
             print(f"outlierq: restored {target}, which an interrupted run was replacing", flush=True)
         print(f"outlierq: removing {d}, left by an interrupted run (pid {pid})", flush=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _marked_pid(d: Path) -> int | None:
+    """The pid in a temporary directory's in-progress marker; None where there is no valid one
+    (a stray file of someone else's is left alone, never a reason to fail)."""
+    try:
+        if d.is_symlink() or d.stat().st_uid != os.getuid():
+            return None
+        pid = json.loads((d / _PARTIAL).read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if type(pid) is int and 0 < pid < 1 << 22 else None
+
+
+def scratch_dir(kind: str) -> Path:
+    """A private temporary directory (mkdtemp: 0700) under $TMPDIR, marked with our pid. What runs
+    killed outright (SIGKILL, the OOM killer) left there of the same kind is removed first."""
+    base = Path(tempfile.gettempdir())
+    for d in base.glob(f"outlierq-{kind}-*"):
+        pid = _marked_pid(d)
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+    d = Path(tempfile.mkdtemp(prefix=f"outlierq-{kind}-"))
+    (d / _PARTIAL).write_text(json.dumps({"pid": os.getpid()}))
+    return d
 
 
 def output_files(d: Path) -> list[Path]:

@@ -40,7 +40,7 @@ from .errors import OutlierqError
 from .mitigate.recipe import check_layer_major, layer_result, mitigate_layer, recipe_to_list
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
-from .provenance import atomic_dir, check_target
+from .provenance import atomic_dir, check_target, save_tensors
 from .quant import LLMInt8, W8A8, quantize_, quantizes_head
 
 # checkpoint prefixes older transformers wrote for multimodal models, as (model, checkpoint)
@@ -229,9 +229,9 @@ class _Spill:
     """Hidden states in memory-mapped files, two generations (layer i reads i-1's, writes i's)."""
 
     def __init__(self):
-        import tempfile
+        from .provenance import scratch_dir
 
-        self.dir = Path(tempfile.mkdtemp(prefix="outlierq-hidden-"))
+        self.dir = scratch_dir("hidden")
         self.bufs: dict[tuple[int, int], torch.Tensor] = {}
 
     def put(self, i: int, j: int, t: torch.Tensor) -> torch.Tensor:
@@ -333,8 +333,6 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
     at a time. `model`: a `skeleton` (what lies outside the layers is loaded at the end); `stats`:
     its calibration statistics
     (checked against the weights layer by layer). Returns (out_dir, statistics of the result)."""
-    from safetensors.torch import save_file
-
     from .checkpoint import _state_dict, check_export_args, export_config, write_extras, write_index
 
     if isinstance(scheme, LLMInt8):
@@ -364,7 +362,7 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
             s = mitigate_layer(model, stats, configs, i, final)
             if scheme is not None:
                 quantize_(model, scheme, s, progress=False, only=[i])
-            total += _write_part(save_file, _state_dict(model, expert_format, i), tmp, f"layer-{i:05d}", weight_map)
+            total += _write_part(_state_dict(model, expert_format, i), tmp, f"layer-{i:05d}", weight_map)
             free_layer(model, i)
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(s_per_layer=f"{seconds[-1]:.1f}")
@@ -373,7 +371,7 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
             raise OutlierqError("statistics are stale: they describe different weights than this "
                                 "checkpoint has; recalibrate (nothing was written)")
         load_rest(model, ckpt)  # (embeddings and head were not needed until now)
-        total += _write_part(save_file, _state_dict(model, expert_format, "rest"), tmp, "rest", weight_map)
+        total += _write_part(_state_dict(model, expert_format, "rest"), tmp, "rest", weight_map)
         write_index(tmp, weight_map, total)
         final.meta["fingerprint"] = None  # (of the mitigated weights: not computed layer by layer)
         info = dict(extra or {}, pipeline="sequential")
@@ -381,9 +379,9 @@ def compress_to(model: nn.Module, ckpt: Checkpoint, out_dir: str | Path, stats: 
     return out, final
 
 
-def _write_part(save_file, tensors: dict[str, torch.Tensor], d: Path, tag: str, weight_map: dict) -> int:
+def _write_part(tensors: dict[str, torch.Tensor], d: Path, tag: str, weight_map: dict) -> int:
     fname = f"model-{tag}.safetensors"
-    save_file(tensors, str(d / fname), metadata={"format": "pt"})
+    save_tensors(tensors, d / fname, {"format": "pt"})
     weight_map.update({k: fname for k in tensors})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -145,3 +145,19 @@ def tiny_model_dir(path, family: str, **over):
         (Path(path) / extra).unlink(missing_ok=True)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def abandoned_dir(path, pid: int | None = None):
+    """A directory as a run killed outright leaves it: outlierq's in-progress marker naming `pid`
+    (default: a process that has exited)."""
+    import json
+    import subprocess
+    import sys
+
+    if pid is None:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        pid = dead.pid
+    path.mkdir()
+    (path / ".outlierq-partial").write_text(json.dumps({"pid": pid}))
+    return path

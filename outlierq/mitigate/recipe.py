@@ -17,7 +17,7 @@ from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch
 from ..models.prepare import fingerprint, prepare
 from . import rotate, rotate_down, smoothquant, split  # noqa: F401  (each registers itself)
-from .registry import MITIGATIONS, lookup
+from .registry import MITIGATIONS, Skipped, lookup
 
 
 # what a recipe resolved to, kept in the statistics' meta and in the export's outlierq.json
@@ -31,6 +31,24 @@ def name_of(cfg) -> str:
 
 def recipe_to_list(recipe: list) -> list[dict[str, Any]]:
     return [{name_of(c): dataclasses.asdict(c)} for c in recipe]
+
+
+def applied(model: nn.Module, recipe: list) -> tuple[list, dict[str, str]]:
+    """(the steps of `recipe` that changed `model`, {skipped step: why}): what a record lists."""
+    skipped = getattr(model, "outlierq_skipped", {})
+    return [c for c in recipe if name_of(c) not in skipped], dict(skipped)
+
+
+def _apply(model: nn.Module, stats, cfg, only):
+    m = lookup(cfg)
+    try:
+        return m.apply(model, stats, cfg, only)
+    except Skipped as e:
+        skipped = getattr(model, "outlierq_skipped", {})
+        if m.name not in skipped:  # (layer by layer: said once, not per layer)
+            warnings.warn(f"{m.name}: {e}; skipped", OutlierqNotice, stacklevel=4)
+            model.outlierq_skipped = {**skipped, m.name: str(e)}
+        return stats
 
 
 def recipe_from_list(items: list[dict[str, Any]]) -> list:
@@ -126,7 +144,7 @@ def mitigate(model: nn.Module, stats: ActivationStats | None, recipe: list,
         if only is None:
             prepare(model)
         for cfg in recipe:
-            lookup(cfg).apply(model, None, cfg, only)
+            _apply(model, None, cfg, only)
         return None
     if only is None:
         prepare(model)
@@ -147,7 +165,7 @@ def mitigate(model: nn.Module, stats: ActivationStats | None, recipe: list,
         if m.needs_rows(cfg) and not stats.samples:
             raise OutlierqError(f"{m.name} {cfg} needs kept calibration rows: calibrate with "
                                 "keep_rows > 0 (CLI: --keep-rows 256)")
-        stats = m.apply(model, stats, cfg, only)
+        stats = _apply(model, stats, cfg, only)
     stats.meta = dict(stats.meta, fingerprint=fingerprint(model) if only is None else None)
     return stats
 

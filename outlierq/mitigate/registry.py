@@ -25,6 +25,12 @@ class Mitigation:
 MITIGATIONS: dict[str, Mitigation] = {}
 
 
+class Skipped(Exception):
+    """Raised by a mitigation's apply, before it changes anything, when the model's layout does not
+    allow it. `mitigate` says so once and records it on the model, so that no record (the export's
+    outlierq.json, CompressResult.record) lists a step that did nothing."""
+
+
 def register(name: str, config: type, apply: Callable, needs_rows: Callable[[Any], bool] = lambda c: False,
              data_free: bool = False, recalibrates: bool = False) -> None:
     MITIGATIONS[name] = Mitigation(name, config, apply, needs_rows, data_free, recalibrates)

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import _heads, decoder_layers, get_arch, resolve, text_config
-from .registry import register
+from .registry import Skipped, register
 from .surgery import _f64, _set  # (computed in float64, cast to the weight's dtype once)
 
 
@@ -128,8 +128,7 @@ def apply_rotate(model: nn.Module, stats, cfg: Rotate, only: list[int] | None = 
                             "(not layer by layer)")
     why = _not_rotatable(model, spec)
     if why:
-        warnings.warn(f"rotate: {why}; not rotated", OutlierqNotice, stacklevel=3)
-        return stats
+        raise Skipped(why)
     n = text_config(model).hidden_size
     q, what = rotation(n, cfg)
     if what.startswith("random orthogonal") and cfg.kind == "hadamard":
@@ -199,9 +198,7 @@ def apply_rotate_heads(model: nn.Module, stats, cfg: RotateHeads, only: list[int
     if spec.inferred:  # the per-head layout below is read from the config, not proven
         pairs = []
     if not pairs:
-        warnings.warn(f"rotate_heads: the {spec.family} layout has no v -> o pair; not rotated",
-                      OutlierqNotice, stacklevel=3)
-        return stats
+        raise Skipped(f"the {spec.family} layout has no v -> o pair")
     config = text_config(model)
     heads, _, hd = _heads(config)
     q, what = rotation(hd, Rotate(seed=cfg.seed, kind=cfg.kind))

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import OutlierqError, OutlierqNotice
 from ..models.arch import decoder_layers, get_arch, resolve
-from .registry import is_number, register
+from .registry import Skipped, is_number, register
 from .rotate import Rotate, check_options, has_hadamard, rotation
 
 
@@ -204,9 +204,7 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
                                   [p.consumer for p in spec.pairs if p.applies(i)]))
 
     if not any(consumers_of(i) for i in range(len(decoder_layers(model, spec)))):
-        warnings.warn(f"rotate_down: the {spec.family} layout has no dense MLP output projection; "
-                      "not rotated", OutlierqNotice, stacklevel=3)
-        return stats
+        raise Skipped(f"the {spec.family} layout has no dense MLP output projection")
     stale, what = [], set()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     blocks: dict[int, BlockRotation] = {}  # one block per order, shared by every Linear (vLLM's rule)

@@ -1,0 +1,204 @@
+"""Issue 31, tried as a careless or hostile user would: processes outlierq starts never outlive it,
+nothing is loaded from a cache that someone else could have written, checkpoint patterns cannot
+hang a load, and a hostile or inconsistent checkpoint gets one line. Each case asserts the exit
+code, one line, no traceback and an unchanged workspace (tests/test_bad_inputs.py has the rest)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import abandoned_dir, tiny_model_dir
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "model", "LlamaForCausalLM")
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out += kids.get(p, [])
+        todo += kids.get(p, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _start_ranks(model_dir: Path, ws: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`outlierq calibrate --nproc 2` in its own session (as a shell job is), long enough to be
+    stopped midway; returns it once both ranks run."""
+    argv = [sys.executable, "-m", "outlierq", "calibrate", "--model", str(model_dir), "--samples", "100000",
+            "--seqlen", "64", "--nproc", "2", "--out", "s.safetensors"]
+    p = subprocess.Popen(argv, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    t = time.time()
+    while len(ranks := _descendants(p.pid)) < 2 and time.time() - t < 120:
+        time.sleep(0.1)
+    assert len(ranks) == 2, ranks
+    time.sleep(4)  # (past the ranks' start, into the work)
+    return p, ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGTERM", "ctrl-c", "SIGKILL", "one rank killed"])
+def test_launched_ranks_never_outlive_the_launcher(model_dir, tmp_path, how):
+    ws = tmp_path
+    (ws / "keep.txt").write_text("a user's file")
+    before = _snapshot(ws)
+    p, ranks = _start_ranks(model_dir, ws)
+    if how == "SIGTERM":
+        os.kill(p.pid, signal.SIGTERM)
+    elif how == "ctrl-c":  # the terminal signals the foreground process group
+        os.killpg(p.pid, signal.SIGINT)
+    elif how == "SIGKILL":  # (the out-of-memory killer): the ranks die with it
+        os.kill(p.pid, signal.SIGKILL)
+    else:
+        os.kill(ranks[1], signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    expected = {"SIGTERM": 128 + signal.SIGTERM, "ctrl-c": 128 + signal.SIGINT, "SIGKILL": -signal.SIGKILL,
+                "one rank killed": 128 + signal.SIGKILL}[how]
+    assert p.returncode == expected, err
+    t = time.time()
+    while any(_alive(r) for r in ranks) and time.time() - t < 30:
+        time.sleep(0.1)
+    assert not any(_alive(r) for r in ranks), f"left behind: {ranks}"
+    assert "Traceback" not in err, err
+    if how != "SIGKILL":
+        lines = [x for x in err.splitlines() if x.startswith("outlierq")]
+        assert len(lines) == 1 and ("interrupted" in lines[0] or "stopped by signal 9" in lines[0]), err
+    assert _snapshot(ws) == before
+
+
+# ---- wrong exports with exit 0 ------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_a_skipped_step_is_not_recorded_as_applied(tmp_path, capsys):
+    """`rotate` on a layout it cannot rotate: the notice says skipped, and the export's record lists
+    it under `skipped` (with why), not in the recipe it applied."""
+    import json
+
+    from outlierq.cli import main
+
+    src = tiny_model_dir(tmp_path / "gemma", "Gemma2ForCausalLM")
+    argv = ["quantize", "--model", str(src), "--recipe", "rotate+smoothquant:alpha=0.5", "--out", str(tmp_path / "q"),
+            "--samples", "2", "--seqlen", "16", "--batch-size", "2"]
+    assert main(argv) == 0
+    rec = json.loads((tmp_path / "q" / "outlierq.json").read_text())
+    assert [next(iter(s)) for s in rec["recipe"]] == ["smoothquant"]
+    assert "not rotatable" in rec["skipped"]["rotate"]
+
+
+# ---- writes: checked before the work, never over a file outlierq did not write -----------------
+
+def _one_line(capsys, argv, msg, root):
+    from outlierq.cli import main
+
+    capsys.readouterr()
+    before = _snapshot(root)
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = [x for x in err.splitlines() if x.startswith("outlierq")]
+    assert rc == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
+    assert _snapshot(root) == before
+
+
+def test_bench_never_replaces_a_users_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kernels_cpu.csv").write_text("my own spreadsheet\n")
+    _one_line(capsys, ["bench", "kernels", "--shapes", "8x8", "--dtypes", "fp32", "--budget", "0.01", "--out", "."],
+              "not an outlierq benchmark table", tmp_path)
+
+
+@pytest.mark.parametrize("case", ["dangling symlink", "stray temporary"])
+def test_output_problems_are_found_before_the_work(tmp_path, capsys, monkeypatch, model_dir, case):
+    """A dangling symlink at --out is refused at once; a stray temporary beside --out whose marker
+    holds a bad pid is left alone (it is not recognisably ours) and the run goes on."""
+    import json
+
+    import outlierq.calibration as cal
+    from outlierq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt",
+            "--samples", "2", "--seqlen", "16", "--batch-size", "2"]
+    if case == "dangling symlink":
+        (tmp_path / "ckpt").symlink_to(tmp_path / "nowhere")
+        monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking --out"))
+        _one_line(capsys, argv, "does not exist", tmp_path)
+        return
+    for bad in ("x", -1, 0, 10 ** 30, None):
+        d = tmp_path / f".ckpt.outlierq-tmp-{bad}"
+        d.mkdir()
+        (d / ".outlierq-partial").write_text(json.dumps({"pid": bad}))
+    assert main(argv) == 0 and (tmp_path / "ckpt" / "config.json").is_file()
+    assert len(list(tmp_path.glob(".ckpt.outlierq-tmp-*"))) == 5
+
+
+def test_spilled_hidden_states_of_a_killed_run_are_removed(tmp_path, monkeypatch):
+    """The layer-by-layer reader's spill directory of a run killed outright is removed by the next."""
+    import tempfile
+
+    from outlierq.provenance import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = abandoned_dir(tmp_path / "outlierq-hidden-abandoned")
+    (left / "0-0.bin").write_bytes(b"0" * 4096)
+    live = abandoned_dir(tmp_path / "outlierq-hidden-running", os.getppid())
+    d = scratch_dir("hidden")
+    assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700
+    assert not left.exists() and live.exists()
+
+
+def _private_mount_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _private_mount_works(),
+                    reason="needs a private mount namespace (unshare -rm) to mount a small tmpfs")
+@pytest.mark.parametrize("fs, msg", [("size=24k", "No space left on device"), ("ro,size=1m", "Read-only file system")])
+def test_a_real_full_or_read_only_disk_gets_one_line(model_dir, tmp_path, fs, msg):
+    """A real tmpfs (in a private mount namespace, gone when the test ends): a full disk mid-export
+    and a read-only one (found before the work) each give one line and leave the disk as it was."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli = [sys.executable, "-m", "outlierq", "quantize", "--model", str(model_dir), "--recipe", "none",
+           "--out", f"{mnt}/ckpt", "--samples", "2", "--seqlen", "16", "--batch-size", "2"]
+    script = (f'mount -t tmpfs -o {fs} tmpfs "{mnt}" || exit 99; "$@"; rc=$?; '
+              f'echo "left: $(ls -A "{mnt}")" >&2; exit $rc')
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *cli], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    if p.returncode == 99:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {p.stderr.strip()}")
+    lines = [x for x in p.stderr.splitlines() if x.startswith("outlierq")]
+    assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and "left: \n" in p.stderr + "\n", p.stderr

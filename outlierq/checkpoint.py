@@ -15,7 +15,6 @@ existing target untouched."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 import warnings
@@ -28,7 +27,7 @@ from torch import nn
 from .calibration import ActivationStats
 from .detection import detect
 from .errors import OutlierqError, OutlierqNotice
-from .provenance import atomic_dir, check_target, output_files, save_tensors, stamp
+from .provenance import atomic_dir, check_target, output_files, save_tensors, sha256_file, stamp
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
 from .quant import Int8Experts, Int8Linear, expert_names, matches
@@ -206,14 +205,6 @@ def write_index(d: Path, weight_map: dict[str, str], total_bytes: int) -> None:
         {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str = "compressed-tensors",
            recipe: list | None = None, stats: ActivationStats | None = None,
            overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD,
@@ -351,7 +342,7 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         info["range_tune"] = model.outlierq_range_tune
     (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
     files = output_files(tmp)
-    (tmp / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    (tmp / MANIFEST).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -398,7 +389,7 @@ def verify(path: str | Path) -> None:
                             "files; remove it or re-export")
     for name, digest in listed.items():
         f = d / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise OutlierqError(f"{f} fails its checksum (truncated or altered); re-export it")
 
 

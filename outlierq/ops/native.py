@@ -56,35 +56,44 @@ def _compiler() -> str | None:
 
 
 def library_path() -> Path:
-    from ..models.load import cache_dir
+    from ..cache import cache_dir
 
     cc = _compiler() or "none"
     key = hashlib.sha256("\0".join([_SRC.read_text(), cc, " ".join(_FLAGS), _cpu_key(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    return cache_dir() / "native" / f"cpu_kernels-{key}.so"
+    return cache_dir("native") / f"cpu_kernels-{key}.so"
 
 
 def build(path: Path | None = None) -> Path:
-    """Compile cpu_kernels.c for this CPU (atomically: a half-written library is never loaded)."""
+    """Compile cpu_kernels.c for this CPU into the cache, unless a library sealed by an earlier
+    build is there intact (outlierq.cache: ours alone, its bytes as built). A half-written,
+    truncated, altered or planted file is never loaded: it is built again over it."""
+    from ..cache import seal, verified
+
     path = path or library_path()
-    if path.exists():
+    if verified(path):
         return path
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, path)
+        seal(path)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_SIGNATURES = {"channel_stats_rows": [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P],
+               "quant_token_rows": [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P],
+               "quant_tensor_rows": [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _F32, _P, _P]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,14 +104,13 @@ def _lib() -> ctypes.CDLL | None:
 
     try:
         lib = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError, subprocess.TimeoutExpired, OutlierqError) as e:  # e.g. no compiler, a read-only cache
+        for name, args in _SIGNATURES.items():
+            f = getattr(lib, name)  # (AttributeError: a library without the symbol)
+            f.argtypes, f.restype = args, None
+    except (RuntimeError, OSError, AttributeError, subprocess.TimeoutExpired, OutlierqError) as e:
+        # e.g. no compiler, a cache that is not ours alone
         print(f"outlierq: native CPU kernels unavailable ({e}); using the torch twins", file=sys.stderr)
         return None
-    lib.channel_stats_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P]
-    lib.quant_token_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P]
-    lib.quant_tensor_rows.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _I64, _P, _F32, _P, _P]
-    for f in (lib.channel_stats_rows, lib.quant_token_rows, lib.quant_tensor_rows):
-        f.restype = None
     return lib
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from outlierq.cli import main
+from outlierq.cache import seal_dir
 from conftest import abandoned_dir, tiny_model_dir
 
 QUICK = ["--samples", "2", "--seqlen", "16", "--batch-size", "2"]
@@ -306,7 +307,7 @@ def test_remote_code_in_an_exports_tokenizer_is_never_run(capsys, ws, model_dir,
     sender would): outlierq.load never asks to run it and never runs it."""
     import io
 
-    from outlierq.checkpoint import MANIFEST, _sha256, load
+    from outlierq.checkpoint import load
 
     d = _export(ws, model_dir)
     tc = json.loads((d / "tokenizer_config.json").read_text())
@@ -315,8 +316,7 @@ def test_remote_code_in_an_exports_tokenizer_is_never_run(capsys, ws, model_dir,
     marker = tmp_path / "ran"
     (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
                                "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-    (d / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(d.iterdir())
-                                      if p.is_file() and p.name != MANIFEST))
+    seal_dir(d)  # (a hostile author writes a consistent manifest)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a prompt would read this and run it
     from outlierq.errors import OutlierqError
 
@@ -332,14 +332,11 @@ def test_remote_code_in_an_exports_tokenizer_is_never_run(capsys, ws, model_dir,
     lambda qc: qc.update(ignore="lm_head"),
 ])
 def test_an_export_config_that_is_not_w8a8_gets_one_line(capsys, ws, model_dir, edit):
-    from outlierq.checkpoint import MANIFEST, _sha256
-
     d = _export(ws, model_dir)
     cfg = json.loads((d / "config.json").read_text())
     edit(cfg["quantization_config"])
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(d.iterdir())
-                                      if p.is_file() and p.name != MANIFEST))
+    seal_dir(d)  # (a hostile author writes a consistent manifest)
     _fails(capsys, ["ppl", "--model", str(d), "--seqlen", "16", "--windows", "1"], "config.json", ws)
 
 

@@ -303,3 +303,51 @@ def test_a_cache_of_someone_elses_is_refused_in_one_line(tmp_path, capsys, monke
     monkeypatch.setenv("OUTLIERQ_CACHE", str(cache))
     (tmp_path / "m.gguf").write_bytes(b"GGUF" + b"\0" * 100)
     _one_line(capsys, ["ppl", "--model", "m.gguf", "--out", "r.json"], "writable by others", tmp_path)
+
+
+# ---- hostile checkpoints ------------------------------------------------------------------------
+
+def _reseal(d: Path, edit) -> None:
+    """Edit an export's quantization_config as a hostile author would, manifest made consistent."""
+    import json
+
+    from outlierq.cache import seal_dir
+
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    seal_dir(d)
+
+
+@pytest.fixture
+def export_dir(tmp_path, model_dir):
+    from outlierq.cli import main
+
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--out", str(out),
+                 "--samples", "2", "--seqlen", "16", "--batch-size", "2"]) == 0
+    return out
+
+
+def test_a_pathological_pattern_returns_at_once(export_dir):
+    """`(.*.*)*x$` backtracks exponentially in Python's re on any name without an x at the end (a
+    30-character name: hours). outlierq matches on RE2: linear in the name."""
+    from outlierq.checkpoint import load
+    from outlierq.quant.scheme import matches
+
+    evil = "re:(.*.*)*x$"
+    t = time.perf_counter()
+    assert not matches("model.layers.0.self_attn.q_proj" * 4, [evil])
+    assert time.perf_counter() - t < 0.5
+    _reseal(export_dir, lambda qc: qc.update(ignore=["lm_head", evil]))
+    t = time.perf_counter()
+    load(export_dir)
+    assert time.perf_counter() - t < 60
+
+
+@pytest.mark.parametrize("pattern, msg", [("re:(a)\\1", "not a regular expression outlierq runs"),
+                                          ("re:(?=x)y", "not a regular expression outlierq runs")])
+def test_a_pattern_re2_cannot_run_gets_one_line(tmp_path, capsys, export_dir, pattern, msg):
+    _reseal(export_dir, lambda qc: qc.update(ignore=["lm_head", pattern]))
+    _one_line(capsys, ["ppl", "--model", str(export_dir), "--windows", "1", "--seqlen", "16",
+                       "--out", str(tmp_path / "r.json")], msg, tmp_path)

@@ -2,7 +2,7 @@
 the LLM.int8 baseline's settings; target matching as compressed-tensors does it."""
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -122,21 +122,60 @@ class W8A8:
         return "token" if self.token_for and matches(name, self.token_for) else self.act
 
 
-def _target_regex(pattern: str) -> str:
-    """A target as a regex: "re:<regex>" as is, anything else an fnmatch glob; a bare name also
-    matches as a suffix after a dot ("lm_head", "down_proj")."""
+def _glob_regex(glob: str) -> str:
+    """An fnmatch glob as a plain regex (fnmatch.translate emits atomic groups, which RE2 lacks)."""
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        j = glob.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif j != -1:
+            body = glob[i + 1:j]
+            neg = body.startswith("!")
+            body = (body[1:] if neg else body).replace("\\", "\\\\").replace("^", "\\^")
+            out.append(f"[{'^' if neg else ''}{body}]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _target(pattern: str):
+    """A target compiled: "re:<regex>" as is, anything else an fnmatch glob; a bare name also
+    matches as a suffix after a dot ("lm_head", "down_proj").
+
+    Patterns come from checkpoints too (an export's ignore and transform targets), so they run on
+    RE2, which matches in time linear in the name whatever the pattern: a crafted pattern cannot
+    hang a load as catastrophic backtracking in Python's re would. RE2 lacks backreferences and
+    lookaround, which no compressed-tensors pattern needs."""
+    import re2
+
+    if not isinstance(pattern, str):
+        raise OutlierqError(f"target pattern {pattern!r} is not a string")
     if pattern.startswith("re:"):
-        return pattern[3:]
-    glob = fnmatch.translate(pattern)  # "(?s:...)\\Z" -> keep the body, anchor ourselves
-    glob = glob[glob.index(":") + 1: glob.rindex(")")]
-    bare = not any(c in pattern for c in "*?[")
-    return f"(?:{glob}|.*\\.{glob})$" if bare else f"(?:{glob})$"
+        rx = pattern[3:]
+    else:
+        g = _glob_regex(pattern)
+        rx = f"(?:{g}|.*\\.{g})$" if not any(c in pattern for c in "*?[") else f"(?:{g})$"
+    opts = re2.Options()
+    opts.log_errors = False
+    try:
+        return re2.compile(rx, options=opts)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise OutlierqError(f"target pattern {pattern!r} is not a regular expression outlierq runs ({why}): "
+                            "patterns run on RE2, in linear time, without backreferences or lookaround") from None
 
 
 def matches(name: str, targets) -> bool:
     """True if module `name` matches any target: compressed-tensors' rule for "re:" regexes
-    (re.match on the full name), fnmatch globs, and exact names or name suffixes."""
-    return any(re.match(_target_regex(t), name) for t in targets)
+    (a match from the start of the full name), fnmatch globs, and exact names or name suffixes."""
+    return any(_target(t).match(name) is not None for t in targets)
 
 
 @dataclass(frozen=True)

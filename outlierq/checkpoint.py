@@ -399,9 +399,12 @@ def load(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .models.files import check_config, tensor_index
+
     d = Path(path)
     verify(d)
     cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    check_config(cfg, tensor_index(d), d)  # (before anything is built from it)
     qc = getattr(cfg, "quantization_config", None)
     tok = None
     if (d / "tokenizer_config.json").exists():

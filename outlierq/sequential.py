@@ -53,16 +53,12 @@ class Checkpoint:
     """A Hugging Face safetensors checkpoint read one tensor at a time (memory-mapped)."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
+        from .models.files import tensor_index
 
         self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self._where = json.loads(index.read_text())["weight_map"]
-        elif (self.path / "model.safetensors").is_file():
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                self._where = {k: "model.safetensors" for k in f.keys()}
-        else:
+        self.tensors = tensor_index(self.path)  # (checked: files inside the directory, sound headers)
+        self._where = {k: t.file for k, t in self.tensors.items()}
+        if not self.tensors:
             raise OutlierqError(f"{self.path} has no safetensors checkpoint (model.safetensors or "
                                 "model.safetensors.index.json); the layer-by-layer pipeline reads only those")
 
@@ -94,7 +90,10 @@ def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models.files import check_config, tensor_index
+
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    check_config(cfg, tensor_index(path), path)  # (before building: sizes the weights cannot back)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     if get_arch(model).inferred:  # its structure is proven on a probe forward of the whole model
@@ -109,6 +108,10 @@ def skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = root.get_submodule(mod_name) if mod_name else root
+    want = (mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr))
+    if want is not None and tuple(want.shape) != tuple(value.shape):  # (copying would broadcast)
+        raise OutlierqError(f"the checkpoint's {name} has shape {list(value.shape)}, but its config "
+                            f"asks for {list(want.shape)}; re-download or fix config.json")
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(value.to(mod._parameters[attr].dtype), requires_grad=False)
     else:

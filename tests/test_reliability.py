@@ -351,3 +351,97 @@ def test_a_pattern_re2_cannot_run_gets_one_line(tmp_path, capsys, export_dir, pa
     _reseal(export_dir, lambda qc: qc.update(ignore=["lm_head", pattern]))
     _one_line(capsys, ["ppl", "--model", str(export_dir), "--windows", "1", "--seqlen", "16",
                        "--out", str(tmp_path / "r.json")], msg, tmp_path)
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shard(d: Path) -> None:
+    """Rewrite model.safetensors as an index + one shard, as hub checkpoints come."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+
+
+def _edit_json(path: Path, edit) -> None:
+    import json
+
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def _outside(d: Path) -> None:
+    _shard(d)
+    (d.parent / "outside.safetensors").write_bytes((d / "model-00001-of-00001.safetensors").read_bytes())
+    _edit_json(d / "model.safetensors.index.json",
+               lambda j: j["weight_map"].update({k: "../outside.safetensors" for k in list(j["weight_map"])[:1]}))
+
+
+def _absolute(d: Path) -> None:
+    _shard(d)
+    _edit_json(d / "model.safetensors.index.json", lambda j: j["weight_map"].update(
+        {k: str(d / "model-00001-of-00001.safetensors") for k in list(j["weight_map"])[:1]}))
+
+
+def _narrow_norm(d: Path) -> None:
+    """A [1] norm weight where the config asks for [hidden]: copying it would broadcast."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    k = next(k for k in sd if k.endswith("input_layernorm.weight"))
+    sd[k] = sd[k][:1].clone()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+HOSTILE = {
+    "index names ../": (_outside, "must lie in its own directory"),
+    "index names an absolute path": (_absolute, "must lie in its own directory"),
+    "index without weight_map": (lambda d: (_shard(d), (d / "model.safetensors.index.json").write_text('{"x": 1}')),
+                                 "needs a weight_map"),
+    "garbage header": (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "not a valid safetensors"),
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+                          "not a valid safetensors"),
+    "more layers than the weights": (lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=100000)),
+                                     "asks for 100000 decoder layers"),
+    "vocabulary of 2e9": (lambda d: _edit_json(d / "config.json", lambda c: c.update(vocab_size=2_000_000_000)),
+                          "vocab_size=2000000000"),
+    "a [1] norm weight": (_narrow_norm, "shape"),
+}
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["in memory", "layer by layer"])
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_model_directory_gets_one_line(tmp_path, capsys, monkeypatch, model_dir, case, sequential):
+    """Each case, in memory and layer by layer: one line, exit 2, no traceback, nothing written, and
+    nothing built from the config first (a hostile size is refused before any allocation)."""
+    monkeypatch.chdir(tmp_path)
+    d = _copy_model(model_dir, tmp_path / "model")
+    tamper, msg = HOSTILE[case]
+    tamper(d)
+    if case == "a [1] norm weight" and not sequential:
+        msg = "could not load model"  # (transformers refuses the size mismatch; said in one line)
+    argv = ["quantize", "--model", str(d), "--recipe", "none", "--out", "ckpt", "--samples", "2",
+            "--seqlen", "16", "--batch-size", "2"] + (["--sequential"] if sequential else [])
+    t = time.perf_counter()
+    _one_line(capsys, argv, msg, tmp_path)
+    assert time.perf_counter() - t < 60
+
+
+def test_a_hostile_export_config_is_refused_before_it_is_built(tmp_path, capsys, export_dir):
+    from outlierq.cache import seal_dir
+
+    _edit_json(export_dir / "config.json", lambda c: c.update(vocab_size=2_000_000_000))
+    seal_dir(export_dir)
+    _one_line(capsys, ["ppl", "--model", str(export_dir), "--windows", "1", "--seqlen", "16",
+                       "--out", str(tmp_path / "r.json")], "vocab_size=2000000000", tmp_path)

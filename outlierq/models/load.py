@@ -16,6 +16,7 @@ from ..cache import cache_dir, seal_dir, verified_dir
 from ..errors import OutlierqError, OutlierqNotice
 from ..provenance import atomic_dir, sha256_file
 from .arch import arch_key
+from .files import check_config, tensor_index
 from .prepare import prepare
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -183,6 +184,8 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         # Never run a model's own code, never unpickle: custom-code models are not supported,
         # and only safetensors weights are read.
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        if Path(path).is_dir():  # (a hub id: transformers checks what it downloads)
+            check_config(config, tensor_index(path), path)
         archs = getattr(config, "architectures", None)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,

@@ -219,7 +219,10 @@ def _cmd_bench(a) -> None:
     for d in a.dtypes.split(","):
         if d not in ("fp32", "bf16", "fp16"):
             raise OutlierqError(f"unknown dtype {d!r} in --dtypes; use fp32, bf16, fp16")
-    check_file_target(Path(a.out) / f"kernels_{a.device}.csv", "benchmark table", is_bench_table)
+    out = Path(a.out).expanduser().resolve()
+    if out in (Path.home().resolve(), Path(out.anchor)):
+        raise OutlierqError(f"refusing to write the benchmark table into {out}: give --out a folder of its own")
+    check_file_target(out / f"kernels_{a.device}.csv", "benchmark table", is_bench_table)
     bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget, a.compiled)
 
 

@@ -129,11 +129,14 @@ def _one_line(capsys, argv, msg, root):
     assert _snapshot(root) == before
 
 
-def test_bench_never_replaces_a_users_file(tmp_path, capsys, monkeypatch):
+def test_bench_never_replaces_a_users_file_nor_writes_into_home(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
     (tmp_path / "kernels_cpu.csv").write_text("my own spreadsheet\n")
-    _one_line(capsys, ["bench", "kernels", "--shapes", "8x8", "--dtypes", "fp32", "--budget", "0.01", "--out", "."],
-              "not an outlierq benchmark table", tmp_path)
+    bench = ["bench", "kernels", "--shapes", "8x8", "--dtypes", "fp32", "--budget", "0.01", "--out"]
+    _one_line(capsys, bench + ["."], "not an outlierq benchmark table", tmp_path)
+    _one_line(capsys, bench + ["~"], "a folder of its own", tmp_path)
 
 
 @pytest.mark.parametrize("case", ["dangling symlink", "stray temporary"])

@@ -31,6 +31,7 @@ from .provenance import atomic_dir, check_target, output_files, save_tensors, sh
 from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import prepare
 from .quant import Int8Experts, Int8Linear, expert_names, matches
+from .quant.formats import INT8
 
 FORMATS = ("compressed-tensors", "fp")
 MANIFEST = "SHA256SUMS"
@@ -78,20 +79,24 @@ def _quantization_config(model: nn.Module, ignore: list[str], expert_format: str
     if not units or any(a == "none" for _, a, _ in units):
         raise OutlierqError("compressed-tensors export needs W8A8 (int8 activations) on every "
                             "quantized Linear; weight-only int8 has no W8A8 layout here")
+    fmts = {m.fmt for m in model.modules() if isinstance(m, Int8Linear)} or {INT8}
+    if len(fmts) > 1:
+        raise OutlierqError("this model mixes int8 and FP8 Linears; an export holds one number format")
+    fmt = fmts.pop()
     kinds = sorted({(a, x) for _, a, x in units})
     simple = len(kinds) == 1 and not kinds[0][1]
     everyone = {n: a for n, a, _ in units}
     groups = {}
     for i, (act, is_expert) in enumerate(kinds):
-        w = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
-        a = QuantizationArgs(num_bits=8, type="int", symmetric=True,
+        w = QuantizationArgs(num_bits=8, type=fmt.ct_type, symmetric=True, strategy="channel", dynamic=False)
+        a = QuantizationArgs(num_bits=8, type=fmt.ct_type, symmetric=True,
                              strategy="token" if act == "token" else "tensor", dynamic=act == "token")
         names = [n for n, ac, x in units if ac == act and x == is_expert]
-        fmt = (expert_format if is_expert else "int-quantized") if not simple else None
+        group_fmt = (expert_format if is_expert else fmt.ct_format) if not simple else None
         groups[f"group_{i}"] = QuantizationScheme(
             targets=["Linear"] if simple else _targets(names, everyone), weights=w,
-            input_activations=a, format=fmt)
-    qc = QuantizationConfig(config_groups=groups, format="int-quantized" if simple else "mixed-precision",
+            input_activations=a, format=group_fmt)
+    qc = QuantizationConfig(config_groups=groups, format=fmt.ct_format if simple else "mixed-precision",
                             quantization_status="compressed", ignore=ignore)
     return qc.model_dump()
 
@@ -105,6 +110,12 @@ def _act_for(name: str, qc: dict[str, Any]) -> str | None:
         if matches(name, [t for t in g["targets"] if t != "Linear"]) or "Linear" in g["targets"]:
             return "token" if g["input_activations"]["strategy"] == "token" else "tensor"
     return None
+
+
+def _format_of(qc: dict[str, Any]) -> str:
+    """The number format of the checkpoint's weights (one per export: `_quantization_config`)."""
+    types = {g["weights"]["type"] for g in qc["config_groups"].values()}
+    return "fp8" if types == {"float"} else "int8"
 
 
 def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
@@ -426,12 +437,13 @@ def load(path: str | Path, device: str = "cpu"):
                                              trust_remote_code=False)
     prepare(model)  # Conv1D -> Linear as everywhere else; unsupported families fail here
     spec = get_arch(model)
+    fmt = _format_of(qc)
     for name, m in list(model.named_modules()):
         act = _act_for(name, qc) if isinstance(m, nn.Linear) else None
         if act is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    Int8Linear(m.in_features, m.out_features, m.bias is not None, act))
+                    Int8Linear(m.in_features, m.out_features, m.bias is not None, act, fmt=fmt))
     files = sorted(d.glob("*.safetensors"))
     sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -470,10 +482,14 @@ def _check_quantization_config(d: Path, qc: dict) -> None:
         w = g.get("weights") if isinstance(g, dict) else None
         a = g.get("input_activations") if isinstance(g, dict) else None
         if not isinstance(g.get("targets") if isinstance(g, dict) else None, list) or not isinstance(w, dict) \
-                or w.get("num_bits") != 8 or w.get("type") != "int" or not isinstance(a, dict) \
-                or a.get("strategy") not in ("token", "tensor") or a.get("num_bits") != 8:
+                or w.get("num_bits") != 8 or w.get("type") not in ("int", "float") or not isinstance(a, dict) \
+                or a.get("strategy") not in ("token", "tensor") or a.get("num_bits") != 8 \
+                or a.get("type", w.get("type")) != w.get("type"):
             raise OutlierqError(f"{d}/config.json: config group {name!r} is not W8A8 as outlierq reads it "
-                                "(int8 weights with targets, per-token or per-tensor int8 input activations)")
+                                "(8-bit int or float weights with targets, per-token or per-tensor input "
+                                "activations of the same type)")
+    if len({g["weights"]["type"] for g in groups.values()}) > 1:
+        raise OutlierqError(f"{d}/config.json: its config groups mix int and float weights; outlierq reads one format")
     if not isinstance(qc.get("ignore", []), list):
         raise OutlierqError(f"{d}/config.json: quantization_config ignore must be a list")
 

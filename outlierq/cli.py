@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import OutlierqError
 from .pipeline import DEFAULT_RECIPE
+from .quant.scheme import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,8 +109,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="mitigations: 'auto' (the best measured for the model's family and --act), "
                             ".json/.yaml file or inline, e.g. 'smoothquant:alpha=0.5+split' ('none' for "
                             "no mitigation)")
-        p.add_argument("--act", choices=["token", "tensor"], default="token",
-                       help="int8 activations: per-token dynamic or per-tensor static")
+        p.add_argument("--scheme", choices=list(PRESETS), default=None,
+                       help="a preset by its compressed-tensors name: W8A8 (int8, per-token; the default), "
+                            "W8A8_STATIC (int8, per-tensor static), FP8_DYNAMIC, FP8 (E4M3, static)")
+        p.add_argument("--act", choices=["token", "tensor"], default=None,
+                       help="activations per-token dynamic (default) or per-tensor static, in the "
+                            "scheme's format (--act tensor = --scheme W8A8_STATIC)")
         p.add_argument("--token-for", default="",
                        help="with --act tensor: comma-separated Linear names kept per-token "
                             "dynamic, e.g. down_proj")
@@ -158,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_calib(p, "--calib-data")
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
-    p.add_argument("--act", choices=["token", "tensor"], default="token")
+    p.add_argument("--scheme", choices=list(PRESETS), default=None, help="as for quantize")
+    p.add_argument("--act", choices=["token", "tensor"], default=None)
     p.add_argument("--windows", type=_count(1), default=8, help="perplexity windows of 2048 tokens")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ rounding of the int8 weights (default: on)")
@@ -242,7 +248,8 @@ def _scheme(a, layer_by_layer: bool = False):
         given = [f for f, on in (("--int8-head", getattr(a, "int8_head", False)), ("--token-for", token_for),
                                  ("--weight-clip", getattr(a, "weight_clip", False)), ("--gptq", getattr(a, "gptq", None)),
                                  ("--act-clip", getattr(a, "act_clip", None)), ("--range-tune", getattr(a, "range_tune", 0)),
-                                 ("--act tensor", getattr(a, "act", "token") == "tensor")) if on]
+                                 ("--act tensor", getattr(a, "act", "token") == "tensor"),
+                                 ("--scheme", getattr(a, "scheme", None))) if on]
         if given:
             raise OutlierqError(f"--format fp writes the float model: {given[0]} has nothing to quantize "
                                 "(drop it, or export compressed-tensors)")
@@ -253,11 +260,27 @@ def _scheme(a, layer_by_layer: bool = False):
     if tune and layer_by_layer:
         raise OutlierqError("--range-tune scores the whole model's output: not available layer by layer "
                             "(--sequential, or a model too big for memory)")
-    return W8A8(act=a.act, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
+    return W8A8(act=a.act, format=a.fmt, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
                 gptq=_gptq(a, layer_by_layer), act_clip=getattr(a, "act_clip", None),
                 skip=() if getattr(a, "int8_head", False) else ("lm_head",),
                 range_tune=tune, range_tune_each=_kinds(getattr(a, "range_tune_each", "")),
                 quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")), quiet_tune=getattr(a, "quiet_tune", 0))
+
+
+def _scheme_args(a) -> None:
+    """--scheme and --act into a.act and a.fmt (a preset's activations, unless --act agrees)."""
+    if not hasattr(a, "scheme"):
+        return
+    if a.scheme is None:
+        a.act, a.fmt = a.act or "token", "int8"
+        return
+    want = PRESETS[a.scheme]
+    if a.act is not None and a.act != want["act"]:
+        raise OutlierqError(f"--scheme {a.scheme} has {want['act']} activations; drop --act {a.act}")
+    if want["act"] == "none" and getattr(a, "format", "compressed-tensors") == "compressed-tensors":
+        raise OutlierqError(f"--scheme {a.scheme} (weight-only int8) has no compressed-tensors export here; "
+                            "use it in memory: outlierq.compress(model, tok, scheme='W8A16')")
+    a.act, a.fmt = want["act"], want.get("format", "int8")
 
 
 def _kinds(arg: str) -> tuple[str, ...]:
@@ -291,11 +314,13 @@ def _prepare(a):
 
     from .checkpoint import check_exportable
 
-    check_exportable(resolve_recipe(a.recipe, a.act))  # bad recipes, schemes and stats files fail before the model load
+    # bad recipes, schemes and stats files fail before the model load
+    check_exportable(resolve_recipe(a.recipe, a.act, fmt=a.fmt))
     scheme, calib = _scheme(a), _calibration(a)
     model, tok = load_model(a.model, a.dtype)
     again = None
-    if not isinstance(calib, Calibration) and any(lookup(c).recalibrates for c in resolve_recipe(a.recipe, a.act, model)):
+    if not isinstance(calib, Calibration) and any(lookup(c).recalibrates
+                                                  for c in resolve_recipe(a.recipe, a.act, model, fmt=a.fmt)):
         # saved statistics: a step that recalibrates the mitigated model (rotate_down) records it
         # on the windows the calibration flags name
         again = calibration_windows(model, tok, Calibration(a.calib_data, a.samples, a.seqlen, a.seed))
@@ -369,7 +394,7 @@ def _cmd_run(a) -> None:
     from .mitigate.recipe import applied, recipe_to_list
     from .provenance import check_file_target, is_record, stamp, write_json
 
-    a.out = a.out or f"outlierq-out/{Path(a.model).name}-w8a8-{a.act}"
+    a.out = a.out or f"outlierq-out/{Path(a.model).name}-{'fp8' if a.fmt == 'fp8' else 'w8a8'}-{a.act}"
     _check_out(a, "checkpoint")
     check_file_target(f"{a.out}.json", "record", is_record)
     a.format, a.stats = "compressed-tensors", None
@@ -398,7 +423,7 @@ def _cmd_run(a) -> None:
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)
-    print(f"FP32 ppl {fp.ppl:.3f} | exported W8A8 ({a.act}) ppl {q.ppl:.3f} "
+    print(f"FP32 ppl {fp.ppl:.3f} | exported {a.scheme or 'W8A8'} ({a.act}) ppl {q.ppl:.3f} "
           f"({100 * (q.ppl / fp.ppl - 1):+.2f}%) on the first {fp.windows} WikiText-2 test "
           f"windows of 2048 tokens; checkpoint {out} ({size:.0f} MB vs {fp_bytes / 1e6:.0f} MB "
           f"in {fp_dtype})")
@@ -479,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    try:
+        _scheme_args(args)
+    except OutlierqError as e:
+        print(f"outlierq: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
         i = next(i for i, v in enumerate(argv) if v == "--nproc" or v.startswith("--nproc="))
         rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]

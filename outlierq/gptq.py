@@ -20,11 +20,14 @@ DAMP = 0.01  # fraction of the mean diagonal added to H (GPTQ's default): keeps 
 
 @torch.no_grad()
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int = 128,
-               damp: float = DAMP, act_order: bool = True) -> torch.Tensor:
-    """int8 codes [N, K] for weight w [N, K] with per-output-channel `scale` [N], rounded with
-    error feedback through the input Hessian h [K, K] (sum of x x^T over calibration rows).
-    Codes saturate at +-127 like round-to-nearest's; inputs never seen (zero diagonal) get
-    round-to-nearest."""
+               damp: float = DAMP, act_order: bool = True, fmt=None) -> torch.Tensor:
+    """8-bit codes [N, K] (int8, or `fmt`'s) for weight w [N, K] with per-output-channel `scale`
+    [N], rounded with error feedback through the input Hessian h [K, K] (sum of x x^T over
+    calibration rows). Codes saturate like round-to-nearest's; inputs never seen (zero diagonal)
+    get round-to-nearest."""
+    from .quant.formats import INT8
+
+    fmt = fmt or INT8
     n, k = w.shape
     W = w.detach().to(torch.float64, copy=True)
     H = h.detach().to(W.device, torch.float64, copy=True)  # (Hessians are kept on the CPU)
@@ -43,7 +46,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int
         Wb, Ub = W[:, i1:i2], U[i1:i2, i1:i2]
         err = torch.empty(n, i2 - i1, dtype=W.dtype, device=W.device)
         for j in range(i2 - i1):
-            q = torch.round(Wb[:, j:j + 1] / s).clamp_(-127, 127)
+            q = fmt.snap(Wb[:, j:j + 1] / s)
             Q[:, i1 + j] = q[:, 0]
             e = (Wb[:, j:j + 1] - q * s) / Ub[j, j]
             Wb[:, j:] -= e * Ub[j:j + 1, j:]
@@ -51,4 +54,4 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int
         W[:, i2:] -= err @ U[i1:i2, i2:]
     out = torch.empty_like(Q)
     out[:, perm] = Q
-    return out.to(torch.int8)
+    return out.to(fmt.dtype)

@@ -24,6 +24,7 @@ from .mitigate.smoothquant import SmoothQuant
 from .models.prepare import prepare
 from .models.arch import get_arch
 from .quant import LLMInt8, W8A8, act_clip_objective, quantize_
+from .quant.scheme import preset
 
 # "auto": the best recipe measured for the model's family and the activation mode (16 windows of
 # results/ppl_<model>.md; see DEFAULTS). Families with no built-in model measured get the
@@ -96,9 +97,10 @@ def default_recipe(spec, act: str = "token", layer_by_layer: bool = False) -> st
 
 
 def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Module | None = None,
-                   layer_by_layer: bool = False) -> list:
+                   layer_by_layer: bool = False, fmt: str = "int8") -> list:
     """A recipe from a list of configs, a spec string ("{act}" is the activation mode), "none",
-    or "auto" (the family's default: needs `model`; without it, only checked to be "auto")."""
+    or "auto" (the family's default: needs `model`; without it, only checked to be "auto").
+    `fmt`: the scheme's number format, which a SmoothQuant search scores for like `act`."""
     if recipe is None or recipe == "none" or recipe == "":
         return []
     if recipe == "auto":
@@ -107,12 +109,12 @@ def resolve_recipe(recipe: str | list | None, act: str = "token", model: nn.Modu
         recipe = default_recipe(get_arch(model), act, layer_by_layer)
     configs = parse_recipe(recipe.format(act=act)) if isinstance(recipe, str) else list(recipe)
     # a SmoothQuant search scores for the activations the scheme quantizes (unless the recipe says)
-    return [dataclasses.replace(c, act=act) if isinstance(c, SmoothQuant) and c.act is None else c
+    return [dataclasses.replace(c, act=c.act or act, format=c.format or fmt) if isinstance(c, SmoothQuant) else c
             for c in configs]
 
 
 def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAULT_RECIPE,
-             scheme: W8A8 | LLMInt8 | None = W8A8(),
+             scheme: W8A8 | LLMInt8 | str | None = W8A8(),
              calibration: Calibration | torch.Tensor | ActivationStats | None = Calibration(),
              progress: bool = True, check_stats: bool = True,
              recalibrate_on: torch.Tensor | None = None) -> CompressResult:
@@ -126,8 +128,10 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
     records the mitigated model on, and W8A8(range_tune=N) tunes on (the ones the statistics
     came from)."""
     prepare(model)  # unsupported families fail here, before any work
+    if isinstance(scheme, str):  # a preset by name ("FP8_DYNAMIC")
+        scheme = preset(scheme)
     act = scheme.act if isinstance(scheme, W8A8) else "token"
-    configs = resolve_recipe(recipe, act, model)
+    configs = resolve_recipe(recipe, act, model, fmt=getattr(scheme, "format", "int8"))
     # Data-free steps (rotation) go first and change what statistics describe: apply them before
     # calibrating. Statistics passed in must then describe the rotated model (the fingerprint).
     first = [c for c in itertools.takewhile(lambda c: lookup(c).data_free, configs)]

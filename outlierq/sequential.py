@@ -435,7 +435,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
                             "quantize in memory (without --sequential)")
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
-    configs = resolve_recipe(recipe, act, model, layer_by_layer=True)
+    configs = resolve_recipe(recipe, act, model, layer_by_layer=True, fmt=getattr(scheme, "format", "int8"))
     check_layer_major(configs)
     _return_freed_memory()
     model.outlierq_source = str(model_path)

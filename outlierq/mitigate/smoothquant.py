@@ -18,6 +18,7 @@ from .. import ops
 from ..calibration import ActivationStats
 from ..errors import OutlierqError
 from ..models.arch import ArchSpec, decoder_layers, get_arch, resolve, text_config
+from ..quant.formats import INT8, Format, get_format
 from . import surgery
 from .registry import is_number, register
 from ._stats import rescale_inputs
@@ -32,6 +33,8 @@ class SmoothQuant:
     # the quantizer the alpha search scores for; None: the scheme's activation mode (filled in by
     # `pipeline.resolve_recipe`), per token when mitigating on its own
     act: Literal["token", "tensor"] | None = None
+    # the number format it scores for (quant/formats.py); None: the scheme's (int8 on its own)
+    format: Literal["int8", "fp8"] | None = None
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     clamp: float = 1e-5                  # floor for both maxima: a zero channel gives no inf/NaN
     # the search's score: "sum" = total squared output error / total output energy over the kept
@@ -45,6 +48,8 @@ class SmoothQuant:
             raise OutlierqError(f"SmoothQuant alpha must be a number in [0, 1] or search, got {self.alpha!r}")
         if self.act not in ("token", "tensor", None):
             raise OutlierqError(f"SmoothQuant act must be token or tensor, got {self.act!r}")
+        if self.format not in ("int8", "fp8", None):
+            raise OutlierqError(f"SmoothQuant format must be int8 or fp8, got {self.format!r}")
         if not isinstance(self.pairs, bool):
             raise OutlierqError(f"SmoothQuant pairs must be true or false, got {self.pairs!r}")
         if not self.alpha_grid or not all(num(a) and 0.0 <= a <= 1.0 for a in self.alpha_grid):
@@ -61,28 +66,35 @@ def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, clamp: floa
     return (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=clamp, max=1.0 / clamp)
 
 
-def _fake_q_rows(x: torch.Tensor) -> torch.Tensor:
-    q, s, _ = ops.quantize_per_token(x)
-    return q.float() * s[:, None]
+def _fake_q_rows(x: torch.Tensor, fmt: Format = INT8) -> torch.Tensor:
+    """Rows quantized per row (symmetric, absmax) to `fmt` and dequantized."""
+    if fmt is INT8:
+        q, s, _ = ops.quantize_per_token(x)
+        return q.float() * s[:, None]
+    s = (x.float().abs().amax(1) / fmt.qmax).clamp(min=1e-12)[:, None]
+    return fmt.snap(x.float() / s) * s
 
 
 def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, act: str,
-                 x_max: torch.Tensor, objective: str = "sum") -> float:
-    """Relative W8A8 output error of consumers `ws` on rows x when smoothed by s: over all rows
-    ("sum"), or per row then averaged ("token")."""
+                 x_max: torch.Tensor, objective: str = "sum", fmt: Format = INT8) -> float:
+    """Relative W8A8 output error (in `fmt`) of consumers `ws` on rows x when smoothed by s: over
+    all rows ("sum"), or per row then averaged ("token")."""
     s = s.float()
     xs = x / s
     if act == "token":
-        xq = _fake_q_rows(xs)
-    else:
+        xq = _fake_q_rows(xs, fmt)
+    elif fmt is INT8:
         scale = (x_max / s).max() / 127.0
         xq = ops.quantize_per_tensor(xs, scale.reshape(1)).float() * scale
+    else:
+        scale = (x_max / s).max() / fmt.qmax
+        xq = fmt.snap(xs.float() / scale) * scale
     num = den = 0.0
     rows_num = torch.zeros(x.shape[0], dtype=torch.float64)
     rows_den = torch.zeros(x.shape[0], dtype=torch.float64)
     for w in ws:
         ref = x @ w.float().t()
-        out = xq @ _fake_q_rows(w.float() * s[None, :]).t()
+        out = xq @ _fake_q_rows(w.float() * s[None, :], fmt).t()
         if objective == "token":
             rows_num += (out - ref).double().pow(2).sum(1)
             rows_den += ref.double().pow(2).sum(1)
@@ -105,10 +117,10 @@ def _choose(cfg: SmoothQuant, xr: torch.Tensor, wr: torch.Tensor, ws: list[torch
         raise OutlierqError("SmoothQuant alpha search needs kept calibration rows: calibrate with "
                             "keep_rows > 0 (CLI: --keep-rows 256)")
     expand = (lambda f: f) if cmap is None else (lambda f: f[cmap])
-    act = cfg.act or "token"
-    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), act, x_max, cfg.objective), None
+    act, fmt = cfg.act or "token", get_format(cfg.format or "int8")
+    best_err, best_a = _group_error(sample, ws, torch.ones_like(x_max), act, x_max, cfg.objective, fmt), None
     for a in cfg.alpha_grid:
-        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), act, x_max, cfg.objective)
+        err = _group_error(sample, ws, expand(_factors(xr, wr, a, cfg.clamp)), act, x_max, cfg.objective, fmt)
         if err < best_err:
             best_err, best_a = err, a
     if best_a is None:

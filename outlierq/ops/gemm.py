@@ -40,6 +40,49 @@ def gemm_operand(wq_t: torch.Tensor) -> torch.Tensor:
     return wq_t.float().contiguous()
 
 
+FP8_PATHS = ("scaled_mm", "fp32")
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_gemm_path() -> str:
+    """FP8 x FP8 on a CPU: torch._scaled_mm (row-wise scales) where it beats multiplying the codes
+    as fp32 (exact products, fp32 accumulation, like the int8 fallback). On AVX-512 without AMX
+    it measured about 1.8x slower than fp32 at 2048x576x1536, so fp32 is the usual pick; CUDA
+    always runs _scaled_mm. $OUTLIERQ_FP8_GEMM=scaled_mm|fp32 forces it."""
+    forced = os.environ.get("OUTLIERQ_FP8_GEMM")
+    if forced:
+        if forced not in FP8_PATHS:
+            from ..errors import OutlierqError
+            raise OutlierqError(f"OUTLIERQ_FP8_GEMM={forced!r}: choose one of {', '.join(FP8_PATHS)}")
+        return forced
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 512, generator=g).to(torch.float8_e4m3fn)
+    w = torch.randn(512, 512, generator=g).to(torch.float8_e4m3fn)
+    sx, sw, wf = torch.ones(128, 1), torch.ones(1, 512), w.float().t().contiguous()
+    try:
+        mm = _best_of(lambda: torch._scaled_mm(x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32))
+    except RuntimeError:  # (a build without a CPU kernel for it)
+        return "fp32"
+    return "scaled_mm" if mm <= _best_of(lambda: x.float() @ wf) else "fp32"
+
+
+def fp8_operand(w: torch.Tensor) -> torch.Tensor:
+    """The FP8 weight codes [N, K] as this device's GEMM wants them: a column-major [K, N] view
+    for _scaled_mm, the same codes as fp32 [K, N] for the fp32 path."""
+    if w.is_cuda or fp8_gemm_path() == "scaled_mm":
+        return w.t()
+    return w.float().t().contiguous()
+
+
+def fp8_matmul(q: torch.Tensor, s: torch.Tensor, wt: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """FP8 codes q [M, K] with row scales s [M] times the weight operand wt [K, N] (`fp8_operand`)
+    with column scales ws [N] -> fp32 [M, N]."""
+    if wt.dtype == torch.float32:
+        return (q.float() @ wt).mul_(s.float()[:, None]).mul_(ws.float()[None, :])
+    return torch._scaled_mm(q, wt, scale_a=s.float()[:, None].contiguous(), scale_b=ws.float()[None, :].contiguous(),
+                            out_dtype=torch.float32)
+
+
 def describe() -> str:
     """A line for benchmarks and results: which int8 GEMM runs here and why."""
     cap = torch.backends.cpu.get_cpu_capability()

@@ -14,6 +14,7 @@ from ..evaluate import top_log_probs
 from ..mitigate.surgery import set_module
 from ..models.arch import decoder_layers, get_arch, quantizable, resolve
 from ..models.prepare import prepare
+from .formats import get_format
 from .modules import Int8Experts, Int8Linear, _llm_int8, expert_names
 from .scheme import ACT_CLIP_OBJECTIVES, LLMInt8, W8A8, matches
 from . import tuning
@@ -107,7 +108,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     # act_clip: the static Linears whose input is rotated (`rotated_input`); histograms checked
     # before any Linear is replaced
     clipped = {n for n, lin in targets if isinstance(config, W8A8) and config.act_clip is not False
-               and rotated_input(lin) and config.act_for(n) == "tensor"}
+               and config.format == "int8" and rotated_input(lin) and config.act_for(n) == "tensor"}
     if isinstance(config, W8A8) and config.act_clip is True and not clipped and (only is None or 0 in only):
         warnings.warn("act_clip: no static Linear reads a rotated input (add rotate_down to the recipe); "
                       "every static range stays at its max", OutlierqNotice, stacklevel=2)
@@ -115,6 +116,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if missing:
         raise OutlierqError(f"W8A8(act_clip=True): the statistics have no value histograms (or ones from an older outlierq) of "
                             f"{missing[0]}'s rotated input; recalibrate the mitigated model")
+    if spec.experts is not None and isinstance(config, W8A8) and config.format != "int8":
+        raise OutlierqError(f"{config.format} MoE experts are not supported yet: quantize this model with int8 (W8A8)")
     act_clips: dict[str, float] = {}
     if clipped:
         row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
@@ -130,14 +133,15 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
             new = _llm_int8(lin, config.threshold)
         else:
             act = config.act_for(name)
-            scale = stats.input_absmax(name).max().item() / 127.0 if act == "tensor" else None
+            qmax = get_format(config.format).qmax
+            scale = stats.input_absmax(name).max().item() / qmax if act == "tensor" else None
             if name in clipped:
-                ratio = act_clip_search(stats.value_hists[name][row], scale * 127.0)
+                ratio = act_clip_search(stats.value_hists[name][row], scale * qmax)
                 scale *= ratio
                 act_clips[name] = ratio
             clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
             hess = stats.hessians[name] if config.gptq else None
-            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess)
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess, config.format)
         set_module(model, name, new)
     if spec.experts is not None:
         for i, layer in enumerate(decoder_layers(model, spec)):

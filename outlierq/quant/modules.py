@@ -1,8 +1,9 @@
-"""The int8 modules quantize_ puts in place of float ones: Int8Linear (one int8 weight [out, in]
-with one fp32 scale per output channel; input quantized per token, dynamic, or per tensor, with a
-static scale from calibration; int8 x int8 -> int32 GEMM with an fp32 scale epilogue, or
-`fake=True`, the dequantizing test oracle) and Int8Experts (fused MoE experts); LLM.int8's
-bitsandbytes module. Nothing quantizes implicitly on `.to()`: only `quantize_` does."""
+"""The 8-bit modules quantize_ puts in place of float ones: Int8Linear (one 8-bit weight [out, in],
+int8 or FP8 E4M3 (`fmt`), with one fp32 scale per output channel; input quantized to the same
+format per token, dynamic, or per tensor, with a static scale from calibration; an 8-bit GEMM
+with an fp32 scale epilogue, or `fake=True`, the dequantizing test oracle) and Int8Experts (fused
+MoE experts, int8); LLM.int8's bitsandbytes module. Nothing quantizes implicitly on `.to()`: only
+`quantize_` does. (Int8Linear keeps its name for FP8 too: its checkpoints and tests know it.)"""
 from __future__ import annotations
 
 from typing import Literal
@@ -14,6 +15,8 @@ from torch import nn
 from .. import ops
 from ..errors import OutlierqError
 from ..models.arch import ArchSpec
+from ..ops.gemm import fp8_matmul, fp8_operand
+from .formats import FP8, INT8, Format, get_format
 from .weights import quantize_weight, stored_scale
 
 
@@ -38,13 +41,14 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  act: Literal["token", "tensor", "none"] = "token", fake: bool = False,
-                 backend: str = "auto", dtype: torch.dtype = torch.float32):
+                 backend: str = "auto", dtype: torch.dtype = torch.float32, fmt: str = "int8"):
         super().__init__()
         if act not in ("token", "tensor", "none"):
             raise OutlierqError(f"unknown activation quantization {act!r}: token | tensor | none")
         self.in_features, self.out_features = in_features, out_features
         self.act, self.fake, self.backend = act, fake, backend
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.fmt: Format = get_format(fmt)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.fmt.dtype))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("input_scale", torch.ones(1) if act == "tensor" else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -59,10 +63,10 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
                     fake: bool = False, backend: str = "auto", clip: torch.Tensor | None = None,
-                    hessian: torch.Tensor | None = None) -> "Int8Linear":
+                    hessian: torch.Tensor | None = None, fmt: str = "int8") -> "Int8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, fake, backend,
-                dtype=lin.weight.dtype)
-        q, s = quantize_weight(lin.weight, backend, clip, hessian)
+                dtype=lin.weight.dtype, fmt=fmt)
+        q, s = quantize_weight(lin.weight, backend, clip, hessian, m.fmt)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
         if lin.bias is not None:
@@ -84,13 +88,14 @@ class Int8Linear(nn.Module):
             x = self.input_rotation(x)
         x2 = x.reshape(-1, self.in_features)
         if not self.fake and self.act != "none" and (self._wt is None or self._wt.device != x.device):
-            self._wt = ops.gemm_operand(self.weight.t())  # int8 codes, or fp32 codes where faster
+            # int8 codes, or the codes as fp32 where that GEMM is faster
+            self._wt = ops.gemm_operand(self.weight.t()) if self.fmt is INT8 else fp8_operand(self.weight)
         keyed = self._keyed_rows(x2)
         if keyed is not None:
             y = self._keyed_linear(x2, keyed)
         else:
             y = w8a8_linear(x2, self.weight, self.weight_scale, self.act, self.input_scale, self.fake,
-                            self.backend, self._wt)
+                            self.backend, self._wt, self.fmt)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -121,17 +126,22 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"act={self.act}, fake={self.fake}")
+                f"act={self.act}, fake={self.fake}" + ("" if self.fmt is INT8 else f", fmt={self.fmt.name}"))
 
 
 def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, act: str,
                 input_scale: torch.Tensor | None, fake: bool = False, backend: str = "auto",
-                wt: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 [M, K] float @ int8 weight [N, K] (per-row scales) -> fp32 [M, N], activations
-    quantized per token / per tensor (or not: act="none"). `wt`: a cached contiguous weight.t()."""
+                wt: torch.Tensor | None = None, fmt: Format = INT8) -> torch.Tensor:
+    """x2 [M, K] float @ 8-bit weight [N, K] (per-row scales) -> fp32 [M, N], activations
+    quantized to `fmt` per token / per tensor (or not: act="none"). `wt`: the cached GEMM operand."""
     deq = lambda: weight.float() * weight_scale[:, None]  # noqa: E731
     if act == "none":
         return F.linear(x2.float(), deq())
+    if fmt is FP8:
+        q, s = fp8_activations(x2, act, input_scale)
+        if fake:
+            return (q.float() * s[:, None]) @ deq().t()
+        return fp8_matmul(q, s, fp8_operand(weight) if wt is None else wt, weight_scale)
     if act == "token":
         q, s, _ = ops.quantize_per_token(x2, backend=backend)
     else:
@@ -140,6 +150,18 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if fake:
         return (q.float() * s[:, None]) @ deq().t()
     return ops.int8_matmul(q, s, ops.gemm_operand(weight.t()) if wt is None else wt, weight_scale)
+
+
+def fp8_activations(x2: torch.Tensor, act: str, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 codes of x2 [M, K] and their row scales [M]: per token, scale = absmax/448 (dynamic);
+    per tensor, the static input_scale. (A torch twin only: the int8 paths' native and Triton
+    kernels have no FP8 sibling yet.)"""
+    xf = x2.float()
+    if act == "token":
+        s = (xf.abs().amax(1) / FP8.qmax).clamp_(min=1e-12)
+    else:
+        s = input_scale.float().expand(x2.shape[0])
+    return FP8.codes(xf / s[:, None]), s
 
 
 class Int8Experts(nn.Module):

@@ -20,6 +20,10 @@ class W8A8:
     Patterns are fnmatch globs on module names ("*down_proj", "model.layers.0.*") or "re:" regexes,
     matched by `matches`, the one matcher quantize_, export and load share."""
     act: Literal["token", "tensor", "none"] = "token"   # "none": weight-only int8
+    # the number format of weights and activations (quant/formats.py): "int8", or "fp8" (E4M3,
+    # what H100-class GPUs serve). FP8 runs the Linears; MoE experts, act_clip (its error model is
+    # int8's uniform steps), range_tune and quiet tokens are int8 only for now.
+    format: Literal["int8", "fp8"] = "int8"
     # Linears kept float. The output head is float by default (llm-compressor's and vLLM's
     # convention); `skip=()` quantizes it too (`--int8-head`): with a large vocabulary it is a
     # third of the prefill here, and a tied head is untied (the embeddings stay float).
@@ -97,6 +101,11 @@ class W8A8:
             if isinstance(getattr(self, field), str):
                 raise OutlierqError(f"W8A8({field}=...) takes a tuple of target patterns, got the string "
                                     f"{getattr(self, field)!r}: write ({getattr(self, field)!r},)")
+        if self.format not in ("int8", "fp8"):
+            raise OutlierqError(f"W8A8(format={self.format!r}): choose int8 or fp8")
+        if self.format == "fp8" and (self.act_clip or self.range_tune or self.act == "none"):
+            raise OutlierqError("W8A8(format='fp8') runs with per-token or static activations, without "
+                                "act_clip, range_tune or quiet tokens (int8 only for now)")
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
         if self.range_tune and self.act != "tensor":
@@ -120,6 +129,19 @@ class W8A8:
         if matches(name, self.skip):
             return None
         return "token" if self.token_for and matches(name, self.token_for) else self.act
+
+
+# Presets by their compressed-tensors names (W8A8_STATIC and W8A16 are outlierq's names for the
+# static int8 and weight-only int8 schemes; llm-compressor spells them as options of W8A8).
+PRESETS = {"W8A8": dict(act="token"), "W8A8_STATIC": dict(act="tensor"), "W8A16": dict(act="none"),
+           "FP8_DYNAMIC": dict(act="token", format="fp8"), "FP8": dict(act="tensor", format="fp8")}
+
+
+def preset(name: str, **over) -> "W8A8":
+    """A scheme by preset name (`PRESETS`), with fields overridden by `over`."""
+    if name not in PRESETS:
+        raise OutlierqError(f"unknown scheme {name!r}: choose one of {', '.join(PRESETS)}")
+    return W8A8(**{**PRESETS[name], **over})
 
 
 def _glob_regex(glob: str) -> str:

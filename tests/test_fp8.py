@@ -11,7 +11,7 @@ import torch
 
 from outlierq import compress
 from outlierq.checkpoint import export, load
-from outlierq.quant import W8A8, Int8Linear
+from outlierq.quant import Int8Linear
 from outlierq.quant.formats import FP8, INT8
 from conftest import char_tokenizer, tiny_model, tiny_model_dir, token_batch
 

@@ -19,11 +19,8 @@ PATHS = ("int_mm", "fp32")
 
 @functools.lru_cache(maxsize=None)
 def cpu_gemm_path() -> str:
-    forced = os.environ.get("OUTLIERQ_INT8_GEMM")
+    forced = _forced("OUTLIERQ_INT8_GEMM", PATHS)
     if forced:
-        if forced not in PATHS:
-            from ..errors import OutlierqError
-            raise OutlierqError(f"OUTLIERQ_INT8_GEMM={forced!r}: choose one of {', '.join(PATHS)}")
         return forced
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-127, 128, (128, 512), dtype=torch.int8, generator=g)
@@ -49,11 +46,8 @@ def fp8_gemm_path() -> str:
     as fp32 (exact products, fp32 accumulation, like the int8 fallback). On AVX-512 without AMX
     it measured about 1.8x slower than fp32 at 2048x576x1536, so fp32 is the usual pick; CUDA
     always runs _scaled_mm. $OUTLIERQ_FP8_GEMM=scaled_mm|fp32 forces it."""
-    forced = os.environ.get("OUTLIERQ_FP8_GEMM")
+    forced = _forced("OUTLIERQ_FP8_GEMM", FP8_PATHS)
     if forced:
-        if forced not in FP8_PATHS:
-            from ..errors import OutlierqError
-            raise OutlierqError(f"OUTLIERQ_FP8_GEMM={forced!r}: choose one of {', '.join(FP8_PATHS)}")
         return forced
     g = torch.Generator().manual_seed(0)
     x = torch.randn(128, 512, generator=g).to(torch.float8_e4m3fn)
@@ -97,6 +91,15 @@ def cpu_slowdown(dtype: torch.dtype) -> float:
     a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
     a2, b2 = a.to(dtype), b.to(dtype)
     return _best_of(lambda: a2 @ b2) / max(_best_of(lambda: a @ b), 1e-9)
+
+
+def _forced(var: str, paths: tuple[str, ...]) -> str | None:
+    """The GEMM path an environment variable forces (None: measure)."""
+    forced = os.environ.get(var)
+    if forced and forced not in paths:
+        from ..errors import OutlierqError
+        raise OutlierqError(f"{var}={forced!r}: choose one of {', '.join(paths)}")
+    return forced or None
 
 
 def _best_of(fn, reps: int = 3) -> float:

@@ -158,6 +158,18 @@ ROWS = [
      W8A8(act="tensor", gptq=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + GPTQ + range tune",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", W8A8(act="tensor", gptq=True, range_tune=4)),
+    # FP8 (E4M3) weights and activations: what each mitigation buys there (issue 30); the
+    # SmoothQuant search scores for FP8 (the scheme's format)
+    ("FP8 naive", "", "fp8"),
+    ("FP8 + GPTQ", "", "fp8+gptq"),
+    ("FP8 SmoothQuant searched", "smoothquant:alpha=search,act={act}", "fp8"),
+    ("FP8 Rotate + OCS split + SmoothQuant searched", "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "fp8"),
+    ("FP8 Rotate + OCS split + SmoothQuant searched + GPTQ",
+     "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "fp8+gptq"),
+    ("FP8 Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down", "fp8+gptq"),
+    ("FP8 SmoothQuant a=0.8 + GPTQ", "smoothquant:alpha=0.8", "fp8+gptq"),
+    ("FP8 SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down", "fp8+gptq"),
 ]
 
 
@@ -167,6 +179,9 @@ UNQUANTIZED = ("FP32", "BF16 (unquantized; vs-FP32 column: vs this row)")
 def _quantizers(q):
     if q in ("both", "both+clip", "both+gptq"):
         kw = {"weight_clip": q == "both+clip", "gptq": q == "both+gptq", "act_clip": False}
+        return [("token", W8A8(act="token", **kw)), ("tensor", W8A8(act="tensor", **kw))]
+    if q in ("fp8", "fp8+gptq"):
+        kw = {"format": "fp8", "gptq": q == "fp8+gptq"}
         return [("token", W8A8(act="token", **kw)), ("tensor", W8A8(act="tensor", **kw))]
     if isinstance(q, W8A8) and q.token_for:
         return [("tensor+token", q)]

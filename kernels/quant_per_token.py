@@ -1,4 +1,4 @@
-"""Fused int8 activation quantization. Tensors in, tensors out; no policy.
+"""Fused 8-bit activation quantization (int8; FP8 E4M3 per token). Tensors in, tensors out; no policy.
 
 Per token (dynamic): one read of each row (the whole row is held in registers), optional
 per-channel smoothing (x * inv_smooth), absmax -> scale = absmax/127 -> codes rounded half to even,
@@ -6,7 +6,11 @@ and optionally the per-channel absmax of the same (smoothed) input, merged with 
 column per program. Per tensor (static): codes = round(x * inv_scale).
 
 Rounding: `libdevice.rint` does not run in the Triton interpreter, so ties go to even with the
-fp32 magic-number trick: (v + 1.5 * 2^23) - 1.5 * 2^23 is exact round-half-even for |v| < 2^22."""
+fp32 magic-number trick: (v + 1.5 * 2^23) - 1.5 * 2^23 is exact round-half-even for |v| < 2^22.
+FP8: the interpreter's float -> fp8 cast rounds wrongly where rounding carries into the next
+binade (-31.45 became -16, not -32), so values are rounded to E4M3's grid in fp32 first (the ulp
+of a value's binade from its exponent bits, then the same round-half-even) and only exact values
+are cast: the same codes as torch's cast, in the interpreter and on a GPU."""
 from __future__ import annotations
 
 import torch
@@ -63,6 +67,28 @@ def _quant_tensor_kernel(x_ptr, inv_smooth_ptr, inv_scale_ptr, q_ptr, M, N, stri
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], q.to(tl.int8), mask=mask)
 
 
+@triton.jit
+def _snap_e4m3(v):
+    """v (fp32) to the nearest E4M3 value, round half to even, saturating at +-448: 3 mantissa bits,
+    so the step in v's binade is 2^(e - 3), and 2^-9 below the smallest normal (2^-6)."""
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    ulp = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    r = _round_half_even(v / ulp) * ulp
+    return tl.minimum(tl.maximum(r, -448.0), 448.0)
+
+
+@triton.jit
+def _quant_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, M, N, stride_m, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    row0 = tl.program_id(0) * ROWS
+    for r in range(row0, tl.minimum(row0 + ROWS, M)):
+        x = tl.load(x_ptr + r * stride_m + cols, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+        tl.store(scale_ptr + r, s)
+        tl.store(q_ptr + r * N + cols, _snap_e4m3(x / s).to(tl.float8e4nv), mask=cmask)
+
+
 # CUDA: rows per program and warps autotuned per row width; the column maxima merge with
 # atomics, so every trial starts from a zeroed output.
 _TOKEN_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
@@ -92,6 +118,27 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
         _quant_token_kernel[(triton.cdiv(m, rows_per_prog),)](*args, ROWS=rows_per_prog, **consts,
                                                                num_warps=8 if n >= 4096 else 4)
     return q, scales, col
+
+
+_fp8_tuned = triton.autotune(configs=[triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)],
+                             key=["N"])(_quant_token_fp8_kernel)
+
+
+def quantize_per_token_fp8(x: torch.Tensor, rows_per_prog: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 E4M3 codes [M, K], f32 scales [M]), scale = max(absmax/448, 1e-12).
+    rows_per_prog applies where nothing is tuned (the interpreter)."""
+    m, n = x.shape
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scales
+    args = (x, q, scales, m, n, x.stride(0))
+    if x.device.type == "cuda":
+        _fp8_tuned[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](*args, BLOCK_N=triton.next_power_of_2(n))
+    else:
+        _quant_token_fp8_kernel[(triton.cdiv(m, rows_per_prog),)](*args, BLOCK_N=triton.next_power_of_2(n),
+                                                                  ROWS=rows_per_prog)
+    return q, scales
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None,

@@ -154,8 +154,11 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 def fp8_activations(x2: torch.Tensor, act: str, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 E4M3 codes of x2 [M, K] and their row scales [M]: per token, scale = absmax/448 (dynamic);
-    per tensor, the static input_scale. (A torch twin only: the int8 paths' native and Triton
-    kernels have no FP8 sibling yet.)"""
+    per tensor, the static input_scale. On CUDA per token runs kernels/quant_per_token.py's FP8
+    kernel (same codes, tests/kernels); elsewhere these torch ops (no native CPU kernel yet)."""
+    if act == "token" and x2.is_cuda and x2.stride(-1) == 1:  # the Triton kernel: one read per row
+        from ..kernels.quant_per_token import quantize_per_token_fp8
+        return quantize_per_token_fp8(x2)
     xf = x2.float()
     if act == "token":
         s = (xf.abs().amax(1) / FP8.qmax).clamp_(min=1e-12)

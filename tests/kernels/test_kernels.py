@@ -91,3 +91,32 @@ def test_int8_gemm_matches_int_mm_and_epilogue(m, k, n):
     bias = torch.randn(n, generator=g)
     got_b = int8_gemm(a.to(DEVICE), b.to(DEVICE), xs.to(DEVICE), ws.to(DEVICE), bias.to(DEVICE))
     torch.testing.assert_close(got_b.cpu(), want + bias, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (77, 123), (33, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_fp8_equals_torchs_cast(shape, dtype):
+    """The FP8 kernel's codes and scales equal torch's E4M3 cast of x / (absmax / 448) across
+    binades (values from 1e-6 to 1e3 of the row's max, zero rows, ties); a value that rounds to
+    zero may be +0 where torch gives -0 (the same number)."""
+    from outlierq.kernels.quant_per_token import quantize_per_token_fp8
+    from outlierq.quant.formats import FP8
+
+    x = _x(shape, torch.float32)
+    if shape[1] > 8:
+        x[0] = torch.logspace(-6, 3, shape[1]) * torch.where(torch.arange(shape[1]) % 2 == 0, 1.0, -1.0)
+    x = x.to(dtype)
+    q, s = quantize_per_token_fp8(x)
+    ref_s = (x.float().abs().amax(1) / 448).clamp(min=1e-12)
+    assert torch.equal(s, ref_s)
+    assert torch.equal(q.float(), FP8.codes(x.float() / ref_s[:, None]).float())
+
+
+def test_fp8_rounding_in_kernel_carries_into_the_next_binade():
+    from outlierq.kernels.quant_per_token import quantize_per_token_fp8
+
+    # with absmax 448 the scale is 1: values round as they are (ties to even, carries to 32 and 128)
+    x = torch.tensor([[448.0, 31.45, -124.2, 17.0, 19.0, 0.0013, -0.0011, 1.0625]], device=DEVICE)
+    q, s = quantize_per_token_fp8(x)
+    assert s.item() == 1.0
+    assert q.float().tolist() == [[448.0, 32.0, -128.0, 16.0, 20.0, 0.001953125, -0.001953125, 1.0]]

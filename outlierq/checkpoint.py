@@ -339,6 +339,8 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         tokenizer.save_pretrained(tmp)
     steps, skipped = applied(model, recipe or [])
     info = {"format": fmt, "recipe": recipe_to_list(steps), **stamp(), **(extra or {})}
+    if getattr(model, "outlierq_scheme", None) is not None and fmt != "fp":
+        info.setdefault("scheme", model.outlierq_scheme)  # (recorded by quantize_)
     if skipped:
         info["skipped"] = skipped
     if stats is not None:

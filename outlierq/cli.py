@@ -287,15 +287,6 @@ def _kinds(arg: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in arg.split(",") if k.strip())
 
 
-def _scheme_record(a, layer_by_layer: bool = False) -> dict:
-    """The quantization scheme for outlierq.json (how weights were rounded, which Linears got
-    which activations): what config.json's quantization_config does not say."""
-    from dataclasses import asdict
-
-    scheme = _scheme(a, layer_by_layer)
-    return {"scheme": asdict(scheme)} if scheme is not None else {}
-
-
 def _calibration(a):
     from .calibration import ActivationStats
     from .pipeline import Calibration
@@ -361,8 +352,7 @@ def _run_sequential(a, path: str, out: str | None = None, recipe="none", scheme=
     if a.dtype not in DTYPES:
         raise OutlierqError(f"unknown dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a),
-              extra=_scheme_record(a, True)) if out else {}
+    kw = dict(overwrite=a.overwrite, expert_format=a.expert_format, fmt=a.format, inputs=_inputs(a)) if out else {}
     return sequential.run(path, out, tok, recipe, scheme, _calibration(a), DTYPES[a.dtype],
                           thresholds=thresholds, **kw)
 
@@ -381,7 +371,7 @@ def _cmd_quantize(a) -> None:
     model, tok, recipe, stats = _prepare(a)
     if is_writer():
         out = export(model, a.out, tok, a.format, recipe, stats, overwrite=a.overwrite, inputs=_inputs(a),
-                     expert_format=a.expert_format, extra=_scheme_record(a))
+                     expert_format=a.expert_format)
         print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
@@ -411,15 +401,16 @@ def _cmd_run(a) -> None:
             print(f"outlier  {kind:13s} {r['layer']:32s} channel {r['channel']:5d}  "
                   f"max|x| {r['absmax']:9.1f}  ({r['absmax'] / max(r['median_channel_absmax'], 1e-9):.0f}x median)")
     out = export(model, a.out, tok, "compressed-tensors", recipe, stats, overwrite=a.overwrite,
-                 inputs=_inputs(a), extra=_scheme_record(a))
+                 inputs=_inputs(a))
     steps, skipped = applied(model, recipe)
+    scheme = getattr(model, "outlierq_scheme", None)
     del model
     qmodel, _ = load_model(str(out))
     q = perplexity(qmodel, ids, 2048, a.windows)
     size = dir_mb(out)
     rec = {"model": a.model, "recipe": a.recipe, "recipe_resolved": recipe_to_list(steps),
            **({"skipped": skipped} if skipped else {}), "act": a.act,
-           **_scheme_record(a), "export": str(out),
+           "scheme": scheme, "export": str(out),
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)

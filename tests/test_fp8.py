@@ -92,6 +92,8 @@ def test_fp8_exports_reload_bit_identically_and_load_in_transformers(tmp_path, s
     qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "float-quantized"
     assert {g["weights"]["type"] for g in qc["config_groups"].values()} == {"float"}
+    # exported from Python, the record has the scheme as the CLI's does (quantize_ records it)
+    assert json.loads((tmp_path / "c" / "outlierq.json").read_text())["scheme"]["format"] == "fp8"
     again, _ = load(tmp_path / "c")
     assert torch.equal(again(input_ids=x).logits, y)
     with warnings.catch_warnings():

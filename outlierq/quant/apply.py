@@ -2,6 +2,7 @@
 place, and run the tuning steps the scheme asks for."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -168,4 +169,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         if config.quiet_tokens:
             model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
                                                            config.quiet_tokens, progress=progress)
+    # the scheme, for every record (the export's outlierq.json, CompressResult.record), whoever
+    # exports: the CLI, outlierq.export from Python, or the layer-by-layer pipeline
+    model.outlierq_scheme = dataclasses.asdict(config)
     return model

@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         globals()[f"_cmd_{args.cmd}"](args)
     except OutlierqError as e:
-        print(f"outlierq: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (every rank meets a bad input: rank 0 says it)
+            print(f"outlierq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.args[0] if isinstance(e, _Terminated) else signal.SIGINT

@@ -129,12 +129,14 @@ def _greedy(model_dir, prompt: list[int], n: int) -> list[int]:
 
 
 def check(model_dir: str | Path, label: str, act: str, windows: torch.Tensor, model: str,
-          float_argmax: list[list[int]] | None = None, dtype: str = "float32", gen_tokens: int = 16) -> tuple[ServedRow, dict]:
-    """One row of results/served.json: vLLM vs outlierq on the same checkpoint and windows."""
+          float_argmax: list[list[int]] | None = None, dtype: str = "float32", gen_tokens: int = 16,
+          oracle: bool = True) -> tuple[ServedRow, dict]:
+    """One row of results/served.json: vLLM vs outlierq on the same checkpoint and windows
+    (oracle=False: without the fake-quant evaluation, so no spread)."""
     served = serve(model_dir, windows, dtype, gen_tokens)
     own_nll, _ = own_eval(model_dir, windows)
     v, o = _ppl(served["nll"], windows), _ppl(own_nll, windows)
-    fake = None if act == "none" else _ppl(own_eval(model_dir, windows, oracle=True)[0], windows)
+    fake = None if act == "none" or not oracle else _ppl(own_eval(model_dir, windows, oracle=True)[0], windows)
     top1 = None
     if float_argmax is not None:
         same = sum(int(a == b) for x, y in zip(served["argmax"], float_argmax) for a, b in zip(x, y))

@@ -62,6 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=None, help="default: all")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=str(ROOT / "results" / "served.json"))
+    ap.add_argument("--no-float", action="store_true",
+                    help="skip serving the float model (no top-1 column; the float perplexity is the study's)")
+    ap.add_argument("--no-oracle", action="store_true",
+                    help="skip outlierq's fake-quant evaluation (no spread column): a third of the time")
     ap.add_argument("--render", action="store_true",
                     help="only re-render --out's table (served.md) and the README's served block from its JSON")
     a = ap.parse_args(argv)
@@ -80,12 +84,13 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(float_dir, trust_remote_code=False)
         wins = eval_windows(tokenize(tok, read_text(a.data)), a.seqlen, a.windows)
         name = Path(a.model).name if Path(a.model).exists() else a.model
-        rows = []
-        row, served = check(float_dir, "fp32", "none", wins, name, None, a.dtype)
-        float_argmax = served["argmax"]
-        rows.append(row)
+        rows, float_argmax = [], None
+        if not a.no_float:
+            row, served = check(float_dir, "fp32", "none", wins, name, None, a.dtype)
+            float_argmax = served["argmax"]
+            rows.append(row)
         for d, label, act in exports:
-            rows.append(check(d, label, act, wins, name, float_argmax, a.dtype)[0])
+            rows.append(check(d, label, act, wins, name, float_argmax, a.dtype, oracle=not a.no_oracle)[0])
             print(f"{label}: vLLM {rows[-1].vllm_ppl:.4f} outlierq {rows[-1].outlierq_ppl:.4f}", flush=True)
     except OutlierqError as e:
         print(f"serve_check: error: {e}", file=sys.stderr)

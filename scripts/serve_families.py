@@ -48,6 +48,7 @@ ROWS = [
     ("R1 + R2 (rotate_heads)", "llama-untied", ["--recipe", "rotate+rotate_heads+smoothquant:alpha=0.5"]),
     ("int8 head", "llama", ["--int8-head"]),
     ("FP8 dynamic", "llama", ["--scheme", "FP8_DYNAMIC"]),
+    ("FP8 static", "llama", ["--scheme", "FP8"]),
     ("auto, per-token", "mistral", []),
     ("auto, per-token", "qwen3", []),
     ("auto, per-token", "phi3", []),
@@ -59,36 +60,48 @@ ROWS = [
 
 
 def main() -> int:
+    import argparse
+    import json
     import tempfile
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--only", default=None, help="';'-separated 'model|label' rows to run, merged into the results")
+    a = ap.parse_args()
+    only = None if a.only is None else {tuple(x.split("|", 1)) for x in a.only.split(";")}
+    out = ROOT / "results" / "served_families.json"
+    old = json.loads(out.read_text())["rows"] if only and out.exists() else []
     tmp = Path(tempfile.mkdtemp(prefix="serve-families-"))
     windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
     rows = []
     for label, model, flags in ROWS:
+        if only is not None and (model, label) not in only:
+            continue
         fp = tmp / model
         if not fp.exists():
             torch.manual_seed(0)
             MODELS[model]().save_pretrained(fp)
             char_tokenizer().save_pretrained(fp)
-        out = tmp / f"{model}-{len(rows)}"
-        act = "tensor" if "tensor" in flags else "token"
+        ckpt = tmp / f"{model}-{len(rows)}"
+        act = "tensor" if "tensor" in flags or "FP8" in flags else "token"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rc = cli(["quantize", "--model", str(fp), "--samples", "8", "--seqlen", "64", "--out", str(out), *flags])
+            rc = cli(["quantize", "--model", str(fp), "--samples", "8", "--seqlen", "64", "--out", str(ckpt), *flags])
         row = {"model": f"tiny {model}", "label": label, "flags": " ".join(flags) or "-"}
         if rc != 0:
             row["error"] = f"outlierq quantize exited {rc}"
         else:
             try:
-                r, _ = serving.check(out, label, act, windows, f"tiny {model}", gen_tokens=4)
+                r, _ = serving.check(ckpt, label, act, windows, f"tiny {model}", gen_tokens=4)
                 row.update(vllm_ppl=r.vllm_ppl, outlierq_ppl=r.outlierq_ppl, rel_diff=r.rel_diff, spread=r.spread,
                            greedy=r.greedy_match_outlierq, engine=r.engine)
             except OutlierqError as e:
                 row["error"] = str(e).splitlines()[0][:300]
         rows.append(row)
         print(row, flush=True)
+    new = {(r["model"], r["label"]) for r in rows}
+    rows = [r for r in old if (r["model"], r["label"]) not in new] + rows
+    rows.sort(key=lambda r: [(f"tiny {m}", lb) for lb, m, _ in ROWS].index((r["model"], r["label"])))
     st = stamp()
-    out = ROOT / "results" / "served_families.json"
     write_json(out, {"what": "tiny exports of each kind served by vLLM vs outlierq (4 random windows of 64 tokens)",
                      "rows": rows, **st})
     md = ["# Every kind of export in vLLM (tiny random models)", "",

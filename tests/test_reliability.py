@@ -457,3 +457,14 @@ def test_a_bad_input_under_nproc_is_said_once(tmp_path, model_dir):
     lines = [x for x in p.stderr.splitlines() if x.startswith("outlierq")]
     assert p.returncode == 2 and len(lines) == 1 and "act_clip" in lines[0], p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "q").exists()
+
+
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+def test_an_unused_config_size_is_not_refused(tmp_path):
+    """An all-MoE config's intermediate_size (dense MLPs it never builds) may exceed every tensor:
+    Qwen3-MoE's does; only sizes every model allocates are checked against the weights."""
+    from outlierq import load_model
+
+    src = tiny_model_dir(tmp_path / "moe", "Qwen3MoeForCausalLM", intermediate_size=4096)
+    model, _ = load_model(str(src))
+    assert model.config.intermediate_size == 4096

@@ -122,8 +122,8 @@ def _layers_held(names) -> int:
 
 def check_config(config, tensors: dict[str, TensorInfo], where: str | Path) -> None:
     """Refuse a config whose sizes the weights in `tensors` cannot back, before any model is built:
-    more decoder layers than the checkpoint holds, or a vocabulary or width larger than every
-    dimension of every tensor in it."""
+    more decoder layers than the checkpoint holds, or a vocabulary or hidden width larger than
+    every dimension of every tensor in it."""
     if not tensors:
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -133,7 +133,9 @@ def check_config(config, tensors: dict[str, TensorInfo], where: str | Path) -> N
         raise OutlierqError(f"{where}: config.json asks for {layers} decoder layers but the weights hold "
                             f"{held}; the missing layers would be random")
     largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
-    for field in ("vocab_size", "hidden_size", "intermediate_size"):
+    # (the embedding is [vocab, hidden] in every causal LM; intermediate_size is not checked: an
+    # all-MoE config may carry an unused one larger than any tensor, as Qwen3-MoE's does)
+    for field in ("vocab_size", "hidden_size"):
         v = getattr(text, field, None)
         if isinstance(v, int) and v > largest:
             raise OutlierqError(f"{where}: config.json sets {field}={v}, larger than any dimension of any "

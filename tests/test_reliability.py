@@ -417,6 +417,8 @@ HOSTILE = {
                           "not a valid safetensors"),
     "more layers than the weights": (lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=100000)),
                                      "asks for 100000 decoder layers"),
+    "eight times the layers": (lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=16)),
+                               "parameters but the weights hold"),
     "vocabulary of 2e9": (lambda d: _edit_json(d / "config.json", lambda c: c.update(vocab_size=2_000_000_000)),
                           "vocab_size=2000000000"),
     "a [1] norm weight": (_narrow_norm, "shape"),

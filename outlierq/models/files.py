@@ -120,18 +120,37 @@ def _layers_held(names) -> int:
     return max((len(v) for v in seen.values()), default=0)
 
 
+def _config_params(config) -> int | None:
+    """Parameters the model `config` describes (tied tensors once), built on the meta device: no
+    memory. None where transformers cannot build it from the config alone."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (the real load reports what is wrong with such a config)
+        return None
+    return sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+
+
+def _held_params(tensors: dict[str, TensorInfo]) -> int:
+    """Parameters the weights hold: 8-bit codes packed four to an int32 (pack-quantized) count as four."""
+    return sum(math.prod(t.shape) * (4 if n.endswith("weight_packed") else 1) for n, t in tensors.items())
+
+
 def check_config(config, tensors: dict[str, TensorInfo], where: str | Path) -> None:
-    """Refuse a config whose sizes the weights in `tensors` cannot back, before any model is built:
-    more decoder layers than the checkpoint holds, or a vocabulary or hidden width larger than
-    every dimension of every tensor in it."""
+    """Refuse a config whose sizes the weights in `tensors` cannot back, before any model is built
+    for real: a vocabulary or hidden width larger than every dimension of every tensor, far more
+    decoder layers than the checkpoint numbers, or a model (built on the meta device, which costs
+    no memory) with more than twice the parameters the weights hold. Layer counts alone do not
+    decide: some configs count layers another way (HRM's num_hidden_layers is not its stack)."""
     if not tensors:
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
-    held = _layers_held(tensors)
-    if isinstance(layers, int) and layers > held:
-        raise OutlierqError(f"{where}: config.json asks for {layers} decoder layers but the weights hold "
-                            f"{held}; the missing layers would be random")
     largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
     # (the embedding is [vocab, hidden] in every causal LM; intermediate_size is not checked: an
     # all-MoE config may carry an unused one larger than any tensor, as Qwen3-MoE's does)
@@ -140,3 +159,11 @@ def check_config(config, tensors: dict[str, TensorInfo], where: str | Path) -> N
         if isinstance(v, int) and v > largest:
             raise OutlierqError(f"{where}: config.json sets {field}={v}, larger than any dimension of any "
                                 f"tensor in the weights (at most {largest}); refusing to build it")
+    layers, held = getattr(text, "num_hidden_layers", None), _layers_held(tensors)
+    if isinstance(layers, int) and layers > 4 * max(held, 1) + 64:  # (before building even on meta)
+        raise OutlierqError(f"{where}: config.json asks for {layers} decoder layers but the weights hold "
+                            f"{held}; the missing layers would be random")
+    want, have = _config_params(config), _held_params(tensors)
+    if want is not None and want > 2 * have + 4096:
+        raise OutlierqError(f"{where}: config.json describes {want:,} parameters but the weights hold {have:,}; "
+                            "the missing ones would be random")

@@ -69,10 +69,32 @@ class _Launched:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
         self.signals: list[int] = []
+        self.stopping = False  # once set, what the ranks print is dropped: the launcher says it in one line
+        self.relays: list = []
 
     def forward(self, signum, frame) -> None:
         self.signals.append(signum)
+        self.stopping = True
         self.kill(signum)
+
+    def relay(self, proc: subprocess.Popen) -> None:
+        """Pass a rank's stderr through until the run is stopped. (A rank stopped inside a native
+        callback can die with a C++ 'terminate' and a traceback, e.g. in Triton's nanobind layer:
+        not the user's business once the launcher has said why the run stopped.)"""
+        import codecs
+        import threading
+
+        def pump():
+            dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for chunk in iter(lambda: os.read(proc.stderr.fileno(), 1 << 16), b""):
+                if not self.stopping:
+                    sys.stderr.write(dec.decode(chunk))
+                    sys.stderr.flush()
+            proc.stderr.close()
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        self.relays.append(t)
 
     def kill(self, sig: int) -> None:
         if self.procs:
@@ -94,6 +116,7 @@ class _Launched:
                 live.remove(p)
                 if code != 0 and rc == 0:
                     rc = code
+                    self.stopping = code < 0 or code > 128  # (a rank killed: the launcher says it)
                     self.kill(signal.SIGTERM)  # a rank failed: the others would wait on it forever
         return rc
 
@@ -122,7 +145,8 @@ def launch(nproc: int, argv: list[str]) -> int:
 
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
             run.procs.append(subprocess.Popen([sys.executable, "-m", "outlierq", *argv], env=env,
-                                              preexec_fn=child))
+                                              preexec_fn=child, stderr=subprocess.PIPE))
+            run.relay(run.procs[-1])
         if run.signals:  # arrived while the ranks were starting
             run.kill(run.signals[0])
         rc = run.wait()
@@ -133,6 +157,8 @@ def launch(nproc: int, argv: list[str]) -> int:
                 p.wait()
         for s, h in old.items():
             signal.signal(s, h)
+        for t in run.relays:
+            t.join(timeout=5)
     if run.signals:
         name = signal.Signals(run.signals[0]).name
         print(f"outlierq: interrupted ({name}); stopped the {nproc} processes, nothing was written", file=sys.stderr)

@@ -71,8 +71,8 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
                    help="one decoder layer in memory at a time (models bigger than memory; chosen "
                         "automatically, with a notice, when the float model would not fit)")
     p.add_argument("--nproc", type=_count(1, os.cpu_count() or 1), default=1,
-                   help="data-parallel calibration over N processes on torch.distributed (launches "
-                        "torchrun; or run under torchrun yourself)")
+                   help="data-parallel calibration over N processes on torch.distributed (starts the N "
+                        "ranks itself; or run under torchrun yourself)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,9 +53,12 @@ def _alive(pid: int) -> bool:
 
 def _start_ranks(model_dir: Path, ws: Path) -> tuple[subprocess.Popen, list[int]]:
     """`outlierq calibrate --nproc 2` in its own session (as a shell job is), long enough to be
-    stopped midway; returns it once both ranks run."""
-    argv = [sys.executable, "-m", "outlierq", "calibrate", "--model", str(model_dir), "--samples", "100000",
-            "--seqlen", "64", "--nproc", "2", "--out", "s.safetensors"]
+    stopped midway (a calibration text of 8M characters, about 30 s of work on the tiny model);
+    returns it once both ranks run."""
+    text = ws.parent / f"{ws.name}-calib.txt"  # (outside the workspace compared before and after)
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 180_000)
+    argv = [sys.executable, "-m", "outlierq", "calibrate", "--model", str(model_dir), "--data", str(text),
+            "--samples", "120000", "--seqlen", "64", "--nproc", "2", "--out", "s.safetensors"]
     p = subprocess.Popen(argv, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     t = time.time()
@@ -63,6 +66,7 @@ def _start_ranks(model_dir: Path, ws: Path) -> tuple[subprocess.Popen, list[int]
         time.sleep(0.1)
     assert len(ranks) == 2, ranks
     time.sleep(4)  # (past the ranks' start, into the work)
+    assert p.poll() is None, p.communicate()[1]  # (still working: the stop below lands midway)
     return p, ranks
 
 

@@ -351,8 +351,7 @@ def write_extras(tmp: Path, model: nn.Module, config, tokenizer, fmt: str, recip
         info["chosen"] = {k: stats.meta[k] for k in CHOSEN if k in stats.meta}
         # the outlier report's compact part (per-layer flag lists live in `outlierq report`)
         info["outliers"] = {k: v for k, v in detect(stats).as_dict().items() if k != "layers"}
-    if getattr(model, "outlierq_range_tune", None):  # the static ranges' tuned factors, by kind
-        info["range_tune"] = model.outlierq_range_tune
+    info.update(getattr(model, "outlierq_tuning", {}))  # what each tuning step chose (act_clip, range_tune)
     (tmp / "outlierq.json").write_text(json.dumps(info, indent=2, default=str))
     files = output_files(tmp)
     (tmp / MANIFEST).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))

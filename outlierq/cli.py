@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import OutlierqError
 from .pipeline import DEFAULT_RECIPE
 from .quant.scheme import PRESETS
+from .quant.tuning import TUNING
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +67,20 @@ def _add_calib(p: argparse.ArgumentParser, data_flag: str = "--data") -> None:
     p.add_argument("--batch-size", type=_count(1), default=8)
 
 
+def _add_scheme(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheme", default="W8A8", metavar="NAME[:OPTIONS]",
+                   help="a preset by its compressed-tensors name: W8A8 (int8 weights per channel, activations "
+                        "per token; the default), W8A8_STATIC (activations per tensor, static), FP8_DYNAMIC, "
+                        "FP8 (E4M3, static); 'float' writes the mitigated float model. Options: "
+                        "token_for=down_proj|... (kept per-token in a static scheme), head=true (quantize "
+                        "the output head too: faster prefill with a large vocabulary, at a perplexity cost)")
+    p.add_argument("--tune", default="auto", metavar="STEPS",
+                   help="tuning steps on top of rounding, joined by '+', e.g. "
+                        "'gptq+range_tune:windows=4,each=down_proj': " + "; ".join(
+                            f"{s.name}: {s.help}" for s in TUNING.values()) +
+                        ". 'auto' (default): gptq (in memory, with Hessians) + act_clip; 'none': plain rounding")
+
+
 def _add_scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="one decoder layer in memory at a time (models bigger than memory; chosen "
@@ -100,75 +115,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON record (default results/ppl_cli_<model>.json; "
                                                "replaces only an earlier outlierq record)")
 
-    for cmd, fmt_help in (("quantize", "mitigate + W8A8-quantize + export a checkpoint"),
-                          ("export", "mitigate (+ quantize) and export a checkpoint")):
-        p = sub.add_parser(cmd, help=fmt_help)
-        _add_model(p)
-        _add_calib(p, "--calib-data")
-        p.add_argument("--recipe", default=DEFAULT_RECIPE,
-                       help="mitigations: 'auto' (the best measured for the model's family and --act), "
-                            ".json/.yaml file or inline, e.g. 'smoothquant:alpha=0.5+split' ('none' for "
-                            "no mitigation)")
-        p.add_argument("--scheme", choices=list(PRESETS), default=None,
-                       help="a preset by its compressed-tensors name: W8A8 (int8, per-token; the default), "
-                            "W8A8_STATIC (int8, per-tensor static), FP8_DYNAMIC, FP8 (E4M3, static)")
-        p.add_argument("--act", choices=["token", "tensor"], default=None,
-                       help="activations per-token dynamic (default) or per-tensor static, in the "
-                            "scheme's format (--act tensor = --scheme W8A8_STATIC)")
-        p.add_argument("--token-for", default="",
-                       help="with --act tensor: comma-separated Linear names kept per-token "
-                            "dynamic, e.g. down_proj")
-        p.add_argument("--weight-clip", action="store_true",
-                       help="search a clip ratio per output channel of the int8 weights on kept "
-                            "calibration rows")
-        p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                       help="round the int8 weights with GPTQ's error feedback through the "
-                            "calibration Hessians (calibration then takes ~1.7x as long). Default: on "
-                            "in memory, off layer by layer (--sequential) and with --stats")
-        p.add_argument("--act-clip", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --act tensor: set the static range of each input rotated online "
-                            "(rotate_down) at the clip of its max with the least int8 error. Default: "
-                            "on where an input is rotated")
-        p.add_argument("--range-tune", type=_count(0), default=0, metavar="N",
-                       help="with --act tensor: scale the static ranges of each kind of Linear by the "
-                            "factor with the least KL from the float model on N calibration windows "
-                            "(4 measured; not layer by layer; the tuned ranges export as usual)")
-        p.add_argument("--range-tune-each", default="", metavar="KINDS",
-                       help="with --range-tune: then tune each Linear of these kinds on its own "
-                            "(comma-separated, e.g. down_proj), on top of its kind's factor")
-        p.add_argument("--quiet-tokens", default="", metavar="KINDS",
-                       help="with --range-tune: a second static range, for token ids that calibration "
-                            "finds far below the range, in the Linears of these kinds (e.g. down_proj); "
-                            "in memory only")
-        p.add_argument("--quiet-tune", type=_count(0), default=0, metavar="N",
-                       help="with --quiet-tokens: tune their range on N calibration windows (default: "
-                            "--range-tune's), against the float model's top 256 tokens per position")
-        p.add_argument("--int8-head", action="store_true",
-                       help="quantize the output head too (W8A8 as the rest; unties a tied head); "
-                            "faster prefill with a large vocabulary, at a perplexity cost")
-        p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
-        p.add_argument("--force-stats", action="store_true",
-                       help="use --stats even if they were taken on other weights (risk: static "
-                            "scales and smoothing factors that do not fit this model)")
-        p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp"])
-        p.add_argument("--expert-format", default="pack-quantized", choices=["pack-quantized", "int-quantized"],
-                       help="MoE experts: packed int8 (loads in transformers 5) or plain int8 "
-                            "(llm-compressor's W8A8 MoE layout)")
-        p.add_argument("--out", required=True, help="checkpoint directory")
-        p.add_argument("--overwrite", action="store_true")
-        _add_scale(p)
+    p = sub.add_parser("quantize", help="mitigate + quantize (W8A8, FP8) + export a checkpoint")
+    _add_model(p)
+    _add_calib(p, "--calib-data")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE,
+                   help="mitigations: 'auto' (the best measured for the model's family and scheme), "
+                        ".json/.yaml file or inline, e.g. 'smoothquant:alpha=0.5+split' ('none' for "
+                        "no mitigation)")
+    _add_scheme(p)
+    p.add_argument("--stats", default=None, help="use a saved stats file instead of calibrating")
+    p.add_argument("--force-stats", action="store_true",
+                   help="use --stats even if they were taken on other weights (risk: static "
+                        "scales and smoothing factors that do not fit this model)")
+    p.add_argument("--expert-format", default="pack-quantized", choices=["pack-quantized", "int-quantized"],
+                   help="MoE experts: packed int8 (loads in transformers 5) or plain int8 "
+                        "(llm-compressor's W8A8 MoE layout)")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--overwrite", action="store_true")
+    _add_scale(p)
 
     p = sub.add_parser("run", help="the whole pipeline on one model: calibrate, detect, mitigate, "
                                    "quantize, export, and FP32 vs exported perplexity")
     _add_model(p)
     _add_calib(p, "--calib-data")
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
-    p.add_argument("--scheme", choices=list(PRESETS), default=None, help="as for quantize")
-    p.add_argument("--act", choices=["token", "tensor"], default=None)
+    _add_scheme(p)
     p.add_argument("--windows", type=_count(1), default=8, help="perplexity windows of 2048 tokens")
-    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ rounding of the int8 weights (default: on)")
-    p.add_argument("--out", default=None, help="default outlierq-out/<model>-w8a8-<act>")
+    p.add_argument("--out", default=None, help="default outlierq-out/<model>-<scheme>")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("report", help="outlier analysis: HTML page, PNG figures, JSON numbers")
@@ -232,59 +205,41 @@ def _cmd_bench(a) -> None:
     bench_kernels(a.ops.split(","), shapes, a.dtypes.split(","), a.device, a.out, a.budget, a.compiled)
 
 
-def _gptq(a, layer_by_layer: bool) -> bool:
-    # the default (None) follows results/ppl_smollm2-135m.md: GPTQ halves the KL of int8 weight
-    # rounding. The layer-by-layer pipeline does not hold the Hessians, and saved statistics
-    # have them only if calibrated with --hessians.
-    g = getattr(a, "gptq", False)
-    return (not layer_by_layer and not getattr(a, "stats", None)) if g is None else g
-
-
 def _scheme(a, layer_by_layer: bool = False):
-    from .quant import W8A8
+    """The scheme --scheme and --tune name (None for 'float'), checked before any work."""
+    from .quant import parse_tune, steps_of
+    from .quant.scheme import preset
+    from .quant.tuning import check_exported, check_layer_by_layer
 
-    token_for = tuple(f"*{t.strip()}" for t in getattr(a, "token_for", "").split(",") if t.strip())
-    if getattr(a, "format", "compressed-tensors") != "compressed-tensors":
-        given = [f for f, on in (("--int8-head", getattr(a, "int8_head", False)), ("--token-for", token_for),
-                                 ("--weight-clip", getattr(a, "weight_clip", False)), ("--gptq", getattr(a, "gptq", None)),
-                                 ("--act-clip", getattr(a, "act_clip", None)), ("--range-tune", getattr(a, "range_tune", 0)),
-                                 ("--act tensor", getattr(a, "act", "token") == "tensor"),
-                                 ("--scheme", getattr(a, "scheme", None))) if on]
-        if given:
-            raise OutlierqError(f"--format fp writes the float model: {given[0]} has nothing to quantize "
-                                "(drop it, or export compressed-tensors)")
+    if a.scheme_name == "float":
+        if a.tune not in ("auto", "none"):
+            raise OutlierqError(f"--scheme float writes the float model: --tune {a.tune} has nothing to tune")
         return None
-    tune = getattr(a, "range_tune", 0)
-    if tune and getattr(a, "stats", None):
-        raise OutlierqError("--range-tune runs the model on calibration windows: drop --stats")
-    if tune and layer_by_layer:
-        raise OutlierqError("--range-tune scores the whole model's output: not available layer by layer "
-                            "(--sequential, or a model too big for memory)")
-    return W8A8(act=a.act, format=a.fmt, token_for=token_for, weight_clip=getattr(a, "weight_clip", False),
-                gptq=_gptq(a, layer_by_layer), act_clip=getattr(a, "act_clip", None),
-                skip=() if getattr(a, "int8_head", False) else ("lm_head",),
-                range_tune=tune, range_tune_each=_kinds(getattr(a, "range_tune_each", "")),
-                quiet_tokens=_kinds(getattr(a, "quiet_tokens", "")), quiet_tune=getattr(a, "quiet_tune", 0))
+    scheme = preset(a.scheme_name, **a.scheme_over, **parse_tune(a.tune, layer_by_layer, bool(getattr(a, "stats", None))))
+    if layer_by_layer:
+        check_layer_by_layer(scheme)
+    if getattr(a, "stats", None) and any("windows" in s.needs for s in steps_of(scheme)):
+        stray = next(s.name for s in steps_of(scheme) if "windows" in s.needs)
+        raise OutlierqError(f"--tune {stray} runs the model on calibration windows: drop --stats")
+    check_exported(scheme)
+    return scheme
 
 
 def _scheme_args(a) -> None:
-    """--scheme and --act into a.act and a.fmt (a preset's activations, unless --act agrees)."""
+    """--scheme into a.scheme_name, a.scheme_over (field overrides), a.act, a.fmt and a.format."""
+    from .quant.scheme import parse_scheme
+
     if not hasattr(a, "scheme"):
         return
-    if a.scheme is None:
-        a.act, a.fmt = a.act or "token", "int8"
-        return
-    want = PRESETS[a.scheme]
-    if a.act is not None and a.act != want["act"]:
-        raise OutlierqError(f"--scheme {a.scheme} has {want['act']} activations; drop --act {a.act}")
-    if want["act"] == "none" and getattr(a, "format", "compressed-tensors") == "compressed-tensors":
-        raise OutlierqError(f"--scheme {a.scheme} (weight-only int8) has no compressed-tensors export here; "
+    a.scheme_name, a.scheme_over = parse_scheme(a.scheme)
+    if a.scheme_name == "float" and a.cmd == "run":
+        raise OutlierqError("run measures a quantized export: choose a quantization --scheme (float: use quantize)")
+    want = PRESETS.get(a.scheme_name, {"act": "token"})
+    if want["act"] == "none":
+        raise OutlierqError(f"--scheme {a.scheme_name} (weight-only int8) has no compressed-tensors export here; "
                             "use it in memory: outlierq.compress(model, tok, scheme='W8A16')")
     a.act, a.fmt = want["act"], want.get("format", "int8")
-
-
-def _kinds(arg: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in arg.split(",") if k.strip())
+    a.format = "fp" if a.scheme_name == "float" else "compressed-tensors"
 
 
 def _calibration(a):
@@ -375,19 +330,16 @@ def _cmd_quantize(a) -> None:
         print(f"wrote {out} ({a.format}, {dir_mb(out):.1f} MB)")
 
 
-_cmd_export = _cmd_quantize
-
-
 def _cmd_run(a) -> None:
     from . import data, load_model, perplexity
     from .checkpoint import dir_mb, export, state_bytes, summarize
     from .mitigate.recipe import applied, recipe_to_list
     from .provenance import check_file_target, is_record, stamp, write_json
 
-    a.out = a.out or f"outlierq-out/{Path(a.model).name}-{'fp8' if a.fmt == 'fp8' else 'w8a8'}-{a.act}"
+    a.out = a.out or f"outlierq-out/{Path(a.model).name}-{a.scheme_name.lower()}"
     _check_out(a, "checkpoint")
     check_file_target(f"{a.out}.json", "record", is_record)
-    a.format, a.stats = "compressed-tensors", None
+    a.stats = None
     fp_model, tok = load_model(a.model, a.dtype)
     ids = data.tokenize(tok, data.read_text("wikitext2", "eval"))
     fp = perplexity(fp_model, ids, 2048, a.windows)
@@ -414,7 +366,7 @@ def _cmd_run(a) -> None:
            "export_mb": size, "float_checkpoint_mb": fp_bytes / 1e6,
            "fp32": fp.as_dict(), "exported": q.as_dict(), **stamp()}
     write_json(f"{a.out}.json", rec)
-    print(f"FP32 ppl {fp.ppl:.3f} | exported {a.scheme or 'W8A8'} ({a.act}) ppl {q.ppl:.3f} "
+    print(f"FP32 ppl {fp.ppl:.3f} | exported {a.scheme_name} ({a.act}) ppl {q.ppl:.3f} "
           f"({100 * (q.ppl / fp.ppl - 1):+.2f}%) on the first {fp.windows} WikiText-2 test "
           f"windows of 2048 tokens; checkpoint {out} ({size:.0f} MB vs {fp_bytes / 1e6:.0f} MB "
           f"in {fp_dtype})")

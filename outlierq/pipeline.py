@@ -23,7 +23,7 @@ from .mitigate.registry import lookup
 from .mitigate.smoothquant import SmoothQuant
 from .models.prepare import prepare
 from .models.arch import get_arch
-from .quant import LLMInt8, W8A8, act_clip_objective, quantize_
+from .quant import LLMInt8, W8A8, quantize_
 from .quant.scheme import preset
 
 # "auto": the best recipe measured for the model's family and the activation mode (16 windows of
@@ -188,13 +188,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: str | list | None = DEFAU
               "calibration": calib_info, "calibrate_seconds": calib_s,
               "mitigate_quantize_seconds": time.perf_counter() - t0,
               **{k: mitigated.meta[k] for k in CHOSEN if k in mitigated.meta}}
-    if getattr(model, "outlierq_act_clip", None):
-        record["act_clip"] = model.outlierq_act_clip
-        record["act_clip_objective"] = act_clip_objective(scheme, get_arch(model))
-    if getattr(model, "outlierq_range_tune", None):
-        record["range_tune"] = model.outlierq_range_tune
-    if getattr(model, "outlierq_quiet_tokens", None):
-        record["quiet_tokens"] = model.outlierq_quiet_tokens
+    record.update(getattr(model, "outlierq_tuning", {}))  # what each tuning step chose
     return CompressResult(model, configs, scheme, mitigated, stats, record)
 
 

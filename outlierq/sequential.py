@@ -42,6 +42,7 @@ from .models.arch import decoder_layers, get_arch, resolve
 from .models.prepare import fingerprint_layer, fingerprint_start, prepare
 from .provenance import atomic_dir, check_target, save_tensors
 from .quant import LLMInt8, W8A8, quantize_, quantizes_head
+from .quant.tuning import check_layer_by_layer
 
 # checkpoint prefixes older transformers wrote for multimodal models, as (model, checkpoint)
 _LEGACY = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
@@ -430,9 +431,7 @@ def run(model_path: str | Path, out_dir: str | Path | None, tokenizer, recipe: A
     if quantizes_head(scheme):
         raise OutlierqError("the layer-by-layer pipeline keeps the output head float; for an int8 head "
                             "(--int8-head) quantize in memory (without --sequential)")
-    if getattr(scheme, "gptq", False):  # every Linear's Hessian at once would not fit for a big model
-        raise OutlierqError("the layer-by-layer pipeline rounds weights to nearest; for GPTQ (--gptq) "
-                            "quantize in memory (without --sequential)")
+    check_layer_by_layer(scheme)
     ckpt = Checkpoint(model_path)
     model = skeleton(model_path, dtype)
     configs = resolve_recipe(recipe, act, model, layer_by_layer=True, fmt=getattr(scheme, "format", "int8"))

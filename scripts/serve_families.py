@@ -43,10 +43,10 @@ MODELS = {
 # (label, model, quantize flags)
 ROWS = [
     ("auto, per-token", "llama", []),
-    ("auto, static", "llama", ["--act", "tensor"]),
+    ("auto, static", "llama", ["--scheme", "W8A8_STATIC"]),
     ("R1 rotate, untied head", "llama-untied", ["--recipe", "rotate+smoothquant:alpha=0.5"]),
     ("R1 + R2 (rotate_heads)", "llama-untied", ["--recipe", "rotate+rotate_heads+smoothquant:alpha=0.5"]),
-    ("int8 head", "llama", ["--int8-head"]),
+    ("int8 head", "llama", ["--scheme", "W8A8:head=true"]),
     ("FP8 dynamic", "llama", ["--scheme", "FP8_DYNAMIC"]),
     ("FP8 static", "llama", ["--scheme", "FP8"]),
     ("auto, per-token", "mistral", []),
@@ -82,7 +82,7 @@ def main() -> int:
             MODELS[model]().save_pretrained(fp)
             char_tokenizer().save_pretrained(fp)
         ckpt = tmp / f"{model}-{len(rows)}"
-        act = "tensor" if "tensor" in flags or "FP8" in flags else "token"
+        act = "tensor" if "W8A8_STATIC" in flags or "FP8" in flags else "token"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rc = cli(["quantize", "--model", str(fp), "--samples", "8", "--seqlen", "64", "--out", str(ckpt), *flags])

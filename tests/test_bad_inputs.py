@@ -61,12 +61,12 @@ def test_overwrite_never_replaces_what_outlierq_did_not_write(capsys, ws, model_
 def test_output_never_replaces_or_holds_the_input(capsys, ws, model_dir):
     _fails(capsys, ["quantize", "--model", str(model_dir), "--out", str(model_dir), "--overwrite"] + QUICK,
            "holds the input", model_dir.parent)
-    _fails(capsys, ["export", "--model", str(model_dir), "--out", str(model_dir.parent), "--overwrite",
-                    "--format", "fp"] + QUICK, "holds the input", model_dir.parent)
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--out", str(model_dir.parent), "--overwrite",
+                    "--scheme", "float"] + QUICK, "holds the input", model_dir.parent)
 
 
 def test_overwrite_replaces_its_own_checkpoint_and_nothing_else(capsys, ws, model_dir):
-    argv = ["export", "--model", str(model_dir), "--format", "fp", "--recipe", "none", "--out", "ckpt"] + QUICK
+    argv = ["quantize", "--model", str(model_dir), "--scheme", "float", "--recipe", "none", "--out", "ckpt"] + QUICK
     assert main(argv) == 0
     _fails(capsys, argv, "pass --overwrite", ws)
     assert main(argv + ["--overwrite"]) == 0
@@ -85,7 +85,7 @@ def test_a_directory_created_meanwhile_is_not_deleted(ws, model_dir, monkeypatch
         (ws / "ckpt" / "theirs.txt").write_text("not ours")
         real(tensors, d, max_shard)
     monkeypatch.setattr(ck, "_write_shards", racing)
-    rc = main(["export", "--model", str(model_dir), "--format", "fp", "--recipe", "none", "--out", "ckpt"] + QUICK)
+    rc = main(["quantize", "--model", str(model_dir), "--scheme", "float", "--recipe", "none", "--out", "ckpt"] + QUICK)
     assert rc == 2 and "not empty" in capsys.readouterr().err
     assert (ws / "ckpt" / "theirs.txt").read_text() == "not ours"
     assert not [p for p in ws.iterdir() if "outlierq-tmp" in p.name]
@@ -188,23 +188,28 @@ def test_recipes(capsys, ws, model_dir, recipe, msg):
 
 
 def test_token_for_typo(capsys, ws, model_dir):
-    _fails(capsys, ["quantize", "--model", str(model_dir), "--act", "tensor", "--token-for", "dwn_proj",
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--scheme", "W8A8_STATIC:token_for=dwn_proj",
                     "--recipe", "none", "--out", "ckpt"] + QUICK, "matches no quantizable Linear", ws)
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--act", "token", "--range-tune", "2"], "use act='tensor'"),
-    (["--act", "tensor", "--range-tune", "2", "--stats", "s.safetensors"], "drop --stats"),
-    (["--act", "tensor", "--range-tune", "2", "--sequential"], "not available layer by layer"),
-    (["--act", "tensor", "--range-tune-each", "down_proj"], "set range_tune=N too"),
-    (["--act", "tensor", "--range-tune", "2", "--range-tune-each", "dwn_proj"], "not the kind of any static Linear"),
+    (["--tune", "range_tune:windows=2"], "use act='tensor'"),
+    (["--scheme", "W8A8_STATIC", "--tune", "range_tune:windows=2", "--stats", "s.safetensors"], "drop --stats"),
+    (["--scheme", "W8A8_STATIC", "--tune", "range_tune:windows=2", "--sequential"], "not available layer by layer"),
+    (["--scheme", "W8A8_STATIC", "--tune", "quiet_tokens"], "set range_tune=N too"),
+    (["--scheme", "W8A8_STATIC", "--tune", "range_tune:windows=2,each=dwn_proj"], "not the kind of any static Linear"),
+    (["--scheme", "W8A8_STATIC", "--tune", "range_tune+quiet_tokens"], "quiet_tokens lives in memory only"),
+    (["--scheme", "W8A8_STATIC", "--tune", "range_tune:windos=2"], "key one of windows, each"),
+    (["--tune", "gtpq"], "unknown tuning step 'gtpq'"),
+    (["--scheme", "W8A8:tokn_for=down_proj"], "option 'tokn_for=down_proj'"),
+    (["--scheme", "W8A8_STATC"], "unknown scheme 'W8A8_STATC'"),
 ])
 def test_range_tune_misuse(capsys, ws, model_dir, flags, msg):
     (ws / "s.safetensors").write_bytes(b"")
     _fails(capsys, ["quantize", "--model", str(model_dir), "--recipe", "none", "--out", "ckpt"] + flags + QUICK,
            msg, ws)
-    assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--act", "tensor",
-                 "--range-tune", "1", "--range-tune-each", "down_proj", "--out", "ckpt"] + QUICK) == 0
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "none", "--scheme", "W8A8_STATIC",
+                 "--tune", "range_tune:windows=1,each=down_proj", "--out", "ckpt"] + QUICK) == 0
     assert "model.layers.0.mlp.down_proj" in json.loads((ws / "ckpt" / "outlierq.json").read_text())["range_tune"]
 
 
@@ -340,7 +345,8 @@ def test_an_export_config_that_is_not_w8a8_gets_one_line(capsys, ws, model_dir, 
     _fails(capsys, ["ppl", "--model", str(d), "--seqlen", "16", "--windows", "1"], "config.json", ws)
 
 
-@pytest.mark.parametrize("flag", [["--int8-head"], ["--act", "tensor"], ["--gptq"], ["--range-tune", "2"]])
-def test_quantizer_flags_with_the_float_format_are_refused(capsys, ws, model_dir, flag):
-    _fails(capsys, ["export", "--model", str(model_dir), "--format", "fp", "--out", "fp"] + flag + QUICK,
-           f"{flag[0]}", ws)
+@pytest.mark.parametrize("flags, msg", [(["--scheme", "float:head=true"], "float takes none"),
+                                       (["--scheme", "float", "--tune", "gptq"], "--tune gptq has nothing to tune"),
+                                       (["--scheme", "float", "--tune", "range_tune:windows=2"], "nothing to tune")])
+def test_quantizer_options_with_the_float_scheme_are_refused(capsys, ws, model_dir, flags, msg):
+    _fails(capsys, ["quantize", "--model", str(model_dir), "--out", "fp"] + flags + QUICK, msg, ws)

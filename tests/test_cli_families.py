@@ -26,7 +26,7 @@ def test_quantize_cli_then_transformers_loads(family, tmp_path):
     # (the auto recipe without rotate_down: transformers 5 does not apply an online rotation)
     auto = default_recipe(get_arch(tiny_model(family)), "token")
     recipe = "+".join(p for p in auto.split("+") if not p.startswith("rotate_down"))
-    assert main(["quantize", "--model", str(src), "--out", str(out), "--no-gptq", "--recipe", recipe] + QUICK) == 0
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--tune", "none", "--recipe", recipe] + QUICK) == 0
     x = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     ours, _ = load(out)
     ref = ours(input_ids=x).logits
@@ -53,7 +53,7 @@ def test_opt_layouts_run_with_a_notice(over, note, tmp_path, capsys):
     crash in weight surgery. Now: the foldable part is applied, the rest named in a notice."""
     src = tiny_model_dir(tmp_path / "src", "OPTForCausalLM", **over)
     with pytest.warns(UserWarning, match=note):
-        rc = main(["export", "--model", str(src), "--format", "fp", "--recipe", "smoothquant:alpha=0.5",
+        rc = main(["quantize", "--model", str(src), "--scheme", "float", "--recipe", "smoothquant:alpha=0.5",
                    "--out", str(tmp_path / "fp")] + QUICK)
     assert rc == 0
     from transformers import AutoModelForCausalLM
@@ -65,13 +65,13 @@ def test_opt_layouts_run_with_a_notice(over, note, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
 def test_quantize_gptq_cli(tmp_path, capsys):
-    """--gptq: same scales as round-to-nearest, other codes where the Hessian couples inputs (MoE
+    """--tune gptq: same scales as round-to-nearest, other codes where the Hessian couples inputs (MoE
     experts stay round-to-nearest), recorded in outlierq.json; saved statistics without Hessians
     are refused with exit code 2 and nothing written."""
     from safetensors.torch import load_file
 
     src = tiny_model_dir(tmp_path / "src", "Qwen2MoeForCausalLM")
-    for d, flag in (("q0", ["--no-gptq"]), ("q1", [])):  # GPTQ is the in-memory default
+    for d, flag in (("q0", ["--tune", "none"]), ("q1", [])):  # GPTQ is the in-memory default
         assert main(["quantize", "--model", str(src), "--out", str(tmp_path / d)] + flag + QUICK) == 0
     rtn, gptq = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("q0", "q1"))
     assert rtn.keys() == gptq.keys()
@@ -82,10 +82,10 @@ def test_quantize_gptq_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "q1" / "outlierq.json").read_text())["scheme"]["gptq"] is True
     assert main(["calibrate", "--model", str(src), "--out", str(tmp_path / "s.safetensors")] + QUICK) == 0
     capsys.readouterr()
-    assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q2"), "--gptq", "--recipe", "none",
+    assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q2"), "--tune", "gptq", "--recipe", "none",
                  "--stats", str(tmp_path / "s.safetensors")] + QUICK) == 2
     assert "--hessians" in capsys.readouterr().err and not (tmp_path / "q2").exists()
-    # with --stats and no --gptq: round-to-nearest, said in outlierq.json
+    # with --stats, --tune auto: round-to-nearest, said in outlierq.json
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q3"), "--recipe", "none",
                  "--stats", str(tmp_path / "s.safetensors")] + QUICK) == 0
     assert json.loads((tmp_path / "q3" / "outlierq.json").read_text())["scheme"]["gptq"] is False

@@ -63,7 +63,7 @@ def test_two_gloo_processes_calibrate_like_one(src, tmp_path, mode, rank_threads
 
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
 def test_two_gloo_processes_export_bit_identical(src, tmp_path, rank_threads):
-    args = ["quantize", "--model", str(src), "--act", "tensor"] + QUICK
+    args = ["quantize", "--model", str(src), "--scheme", "W8A8_STATIC"] + QUICK
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     assert main(args + ["--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))

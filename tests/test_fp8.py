@@ -120,7 +120,7 @@ def test_scheme_presets_on_the_cli(tmp_path, capsys):
     rec = json.loads((tmp_path / "q" / "outlierq.json").read_text())
     assert rec["scheme"]["format"] == "fp8" and rec["scheme"]["act"] == "tensor"
     capsys.readouterr()
-    for bad, msg in ((["--scheme", "FP8", "--act", "token"], "drop --act token"),
+    for bad, msg in ((["--scheme", "FP8", "--tune", "range_tune"], "without act_clip, range_tune"),
                      (["--scheme", "W8A16"], "no compressed-tensors export")):
         assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "r")] + bad + quick) == 2
         err = capsys.readouterr().err.strip().splitlines()

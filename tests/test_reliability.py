@@ -459,7 +459,7 @@ def test_a_hostile_export_config_is_refused_before_it_is_built(tmp_path, capsys,
 def test_a_bad_input_under_nproc_is_said_once(tmp_path, model_dir):
     p = subprocess.run([sys.executable, "-m", "outlierq", "quantize", "--model", str(model_dir), "--recipe", "none",
                         "--out", str(tmp_path / "q"), "--samples", "2", "--seqlen", "16", "--nproc", "2",
-                        "--act-clip", "--act", "token"], capture_output=True, text=True, timeout=300)
+                        "--tune", "act_clip"], capture_output=True, text=True, timeout=300)
     lines = [x for x in p.stderr.splitlines() if x.startswith("outlierq")]
     assert p.returncode == 2 and len(lines) == 1 and "act_clip" in lines[0], p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "q").exists()

@@ -70,7 +70,7 @@ def test_cli_sequential_matches_in_memory_and_is_chosen_when_too_big(tmp_path, m
     quick = ["--samples", "6", "--seqlen", "32", "--batch-size", "4", "--model", str(src),
              "--recipe", "smoothquant:alpha=0.8"]
     # (GPTQ, on by default in memory, does not run layer by layer: compare round-to-nearest)
-    assert main(["quantize", "--out", str(tmp_path / "mem"), "--no-gptq"] + quick) == 0
+    assert main(["quantize", "--out", str(tmp_path / "mem"), "--tune", "none"] + quick) == 0
     assert main(["quantize", "--out", str(tmp_path / "seq"), "--sequential"] + quick) == 0
     monkeypatch.setattr(sequential, "available_bytes", lambda: 1000)  # "the model does not fit"
     with pytest.warns(UserWarning, match="would not fit"):
@@ -94,7 +94,7 @@ def test_sequential_refuses_split_after_a_step_that_changes_its_statistics(tmp_p
         sequential.run(src, tmp_path / "out", tok, "smoothquant+split", W8A8(), token_batch(4, 16))
     with pytest.raises(OutlierqError, match="keeps the output head float"):
         sequential.run(src, tmp_path / "out", tok, "smoothquant", W8A8(skip=()), token_batch(4, 16))
-    with pytest.raises(OutlierqError, match="rounds weights to nearest"):
+    with pytest.raises(OutlierqError, match="gptq is not available layer by layer"):
         sequential.run(src, tmp_path / "out", tok, "smoothquant", W8A8(gptq=True), token_batch(4, 16))
     assert not (tmp_path / "out").exists()
 

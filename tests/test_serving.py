@@ -44,7 +44,8 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     out = tiny / f"{act}-{recipe.count('rotate_down')}-{recipe.count('all')}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["quantize", "--model", str(tiny / "fp"), "--act", act, "--samples", "8", "--seqlen", "64",
+        scheme = {"token": "W8A8", "tensor": "W8A8_STATIC"}[act]
+        assert main(["quantize", "--model", str(tiny / "fp"), "--scheme", scheme, "--samples", "8", "--seqlen", "64",
                      "--recipe", recipe, "--out", str(out)]) == 0
     windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
     row, served = serving.check(out, f"tiny-{act}", act, windows, "tiny-llama")

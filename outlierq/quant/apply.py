@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,14 @@ from .formats import get_format
 from .modules import Int8Experts, Int8Linear, _llm_int8, expert_names
 from .scheme import ACT_CLIP_OBJECTIVES, LLMInt8, W8A8, matches
 from . import tuning
-from .tuning import _log_probs, _logits, act_clip_objective, act_clip_search, key_quiet_tokens, tune_ranges
+from .tuning import (_log_probs, _logits, act_clip_objective, act_clip_search, check_needs, key_quiet_tokens,
+                     tune_ranges)
 from .weights import clip_search
+
+
+def _merged(old: dict, new: dict) -> dict:
+    return {k: {**old[k], **v} if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+            for k, v in {**old, **new}.items()}
 
 
 def quantizes_head(config: W8A8 | LLMInt8 | None) -> bool:
@@ -53,13 +60,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if only is None:
         prepare(model)
     tune = isinstance(config, W8A8) and config.range_tune > 0
-    if tune and only is not None:
-        raise OutlierqError("W8A8(range_tune=N) scores the whole model's output: not available "
-                            "layer by layer (--sequential)")
-    if tune and (tune_windows is None or tune_windows.ndim != 2):
-        raise OutlierqError("W8A8(range_tune=N) needs calibration token windows [S, L] "
-                            "(quantize_(..., tune_windows=...); outlierq.compress passes its calibration windows, "
-                            "or recalibrate_on= with statistics)")
+    check_needs(config, stats, tune_windows, layer_by_layer=only is not None)
     needed = max(config.range_tune, config.quiet_tune) if tune else 0
     if tune and needed > len(tune_windows):
         raise OutlierqError(f"W8A8 tunes on {needed} calibration windows, but {len(tune_windows)} were given: "
@@ -76,13 +77,6 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if isinstance(config, LLMInt8) and any(getattr(m, "input_rotation", None) is not None for m in model.modules()):
         raise OutlierqError("LLM.int8 (bitsandbytes) Linears cannot rotate their input online: drop "
                             "rotate_down from the recipe")
-    if isinstance(config, W8A8) and config.weight_clip and (stats is None or not stats.samples):
-        raise OutlierqError("W8A8(weight_clip=True) searches clip ratios on kept calibration rows: "
-                            "calibrate with keep_rows > 0")
-    if isinstance(config, W8A8) and config.gptq and (stats is None or not stats.hessians):
-        raise OutlierqError("W8A8(gptq=True) rounds weights through the calibration Hessians: "
-                            "calibrate with hessians=True (`outlierq calibrate --hessians`; compress and "
-                            "--gptq without --stats do this)")
     if isinstance(config, LLMInt8) and spec.experts is not None:
         raise OutlierqError("LLM.int8 (bitsandbytes) quantizes nn.Linear only; MoE experts are "
                             "fused tensors here: use W8A8")
@@ -120,6 +114,7 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     if spec.experts is not None and isinstance(config, W8A8) and config.format != "int8":
         raise OutlierqError(f"{config.format} MoE experts are not supported yet: quantize this model with int8 (W8A8)")
     act_clips: dict[str, float] = {}
+    tuned: dict[str, Any] = {}  # what each tuning step chose (TUNING), for every record
     if clipped:
         row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
     if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
@@ -161,14 +156,15 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
             ex = resolve(layer, spec.experts.path)
             set_module(layer, spec.experts.path,
                        Int8Experts.from_experts(ex, acts, scales, config.fake, config.backend))
-    if act_clips:  # the chosen static-range clips, for the record (compress, study rows)
-        model.outlierq_act_clip = dict(getattr(model, "outlierq_act_clip", {}), **act_clips)
+    if act_clips:
+        tuned.update(act_clip=act_clips, act_clip_objective=act_clip_objective(config, spec))
     if tune:
-        model.outlierq_range_tune = tune_ranges(model, tune_windows, ref, progress=progress,
-                                                each=config.range_tune_each)
+        tuned["range_tune"] = tune_ranges(model, tune_windows, ref, progress=progress, each=config.range_tune_each)
         if config.quiet_tokens:
-            model.outlierq_quiet_tokens = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
-                                                           config.quiet_tokens, progress=progress)
+            tuned["quiet_tokens"] = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
+                                                     config.quiet_tokens, progress=progress)
+    # layer by layer, quantize_ runs once per layer: the records add up
+    model.outlierq_tuning = _merged(getattr(model, "outlierq_tuning", {}) if only is not None else {}, tuned)
     # the scheme, for every record (the export's outlierq.json, CompressResult.record), whoever
     # exports: the CLI, outlierq.export from Python, or the layer-by-layer pipeline
     model.outlierq_scheme = dataclasses.asdict(config)

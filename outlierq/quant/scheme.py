@@ -144,6 +144,27 @@ def preset(name: str, **over) -> "W8A8":
     return W8A8(**{**PRESETS[name], **over})
 
 
+def parse_scheme(spec: str) -> tuple[str, dict]:
+    """`--scheme` as (preset name, field overrides): a name of PRESETS, or "float" (no quantization:
+    the mitigated float model), then per-target options as in recipes, lists joined by '|':
+    "W8A8_STATIC:token_for=down_proj" (these Linears keep per-token activations),
+    "W8A8:head=true" (quantize the output head too)."""
+    name, _, opts = spec.partition(":")
+    if name != "float" and name not in PRESETS:
+        raise OutlierqError(f"unknown scheme {name!r}: choose one of {', '.join(PRESETS)}, or float")
+    over: dict = {}
+    for o in filter(None, opts.split(",")):
+        k, _, v = o.partition("=")
+        if name != "float" and k == "token_for" and v:
+            over["token_for"] = tuple(f"*{t}" for t in v.split("|") if t)
+        elif name != "float" and k == "head" and v in ("true", "false"):
+            over["skip"] = () if v == "true" else ("lm_head",)
+        else:
+            raise OutlierqError(f"--scheme {spec!r}: option {o!r}; a preset takes token_for=<kind>|<kind> and "
+                                "head=true|false" + ("; float takes none" if name == "float" else ""))
+    return name, over
+
+
 def _glob_regex(glob: str) -> str:
     """An fnmatch glob as a plain regex (fnmatch.translate emits atomic groups, which RE2 lacks)."""
     out, i = [], 0

@@ -3,17 +3,19 @@ end-to-end range tune by kind (range_tune), and a second static range for quiet 
 (quiet_tokens, in memory only)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import value_bin_centres
+from ..errors import OutlierqError
 from ..evaluate import coarse_kl_sum, kl_sum, log_probs_
 from ..models.arch import ArchSpec
 from .modules import Int8Linear, TokenKeys
 from .scheme import ACT_CLIP_GRID, W8A8
-
 
 
 def act_clip_search(hist: torch.Tensor, amax: float, grid: tuple[float, ...] = ACT_CLIP_GRID) -> float:
@@ -210,3 +212,124 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
         for h in hooks:
             h.remove()
     return {"factors": factors, "ids": ids, "quiet_in": quiet_in, "kl": tried}
+
+
+# --- the registry: what each step needs, and where it can run -----------------------------------
+
+NEEDS = {"rows": "kept calibration rows (calibrate with keep_rows > 0)",
+         "hessians": "calibration Hessians (calibrate with hessians=True, `outlierq calibrate --hessians`)",
+         "windows": "calibration token windows [S, L] (outlierq.compress passes its own; with a statistics "
+                    "file, recalibrate_on=windows; CLI: drop --stats)"}
+
+
+@dataclass(frozen=True)
+class TuningStep:
+    """A tuning step on top of plain rounding, by the name `--tune` gives it. Its settings are fields
+    of the scheme (W8A8 stays plain data); this says what turns it on and off, what it needs, and
+    whether a checkpoint carries its result and the layer-by-layer pipeline can run it. What it
+    chose lands in `model.outlierq_tuning[name]`, which CompressResult.record and the export's
+    outlierq.json both copy."""
+    name: str
+    on: dict[str, Any]              # the scheme fields `--tune <name>` sets
+    off: dict[str, Any]             # the fields that leave it out
+    active: Callable[[W8A8], bool]  # does a scheme run it?
+    options: dict[str, str] = field(default_factory=dict)  # `--tune name:option=v` -> scheme field
+    needs: tuple[str, ...] = ()     # keys of NEEDS
+    exported: bool = True           # a checkpoint carries its result
+    layer_by_layer: bool = True     # runs in the layer-by-layer pipeline (`outlierq.sequential`)
+    help: str = ""
+
+
+TUNING: dict[str, TuningStep] = {s.name: s for s in (
+    TuningStep("gptq", {"gptq": True}, {"gptq": False}, lambda s: s.gptq, needs=("hessians",),
+               layer_by_layer=False,  # (every Linear's Hessian of a big model at once would not fit)
+               help="round the weights with GPTQ's error feedback through the calibration Hessians "
+                    "(calibration takes ~1.7x as long)"),
+    TuningStep("weight_clip", {"weight_clip": True}, {"weight_clip": False}, lambda s: s.weight_clip,
+               needs=("rows",), help="a clip ratio per output channel of the weights, searched on kept rows"),
+    TuningStep("act_clip", {"act_clip": True}, {"act_clip": False},
+               lambda s: s.act == "tensor" and s.format == "int8" and s.act_clip is not False,
+               options={"objective": "act_clip_objective"},
+               help="static ranges of inputs rotated online (rotate_down) at the clip with the least int8 "
+                    "error, not at the max; objective=value|token|auto"),
+    TuningStep("range_tune", {"range_tune": 4}, {"range_tune": 0, "range_tune_each": ()},
+               lambda s: s.range_tune > 0, options={"windows": "range_tune", "each": "range_tune_each"},
+               needs=("windows",), layer_by_layer=False,
+               help="scale each kind's static ranges by the factor of least KL from the float model on "
+                    "`windows` calibration windows (4); each=down_proj|...: then each Linear of those kinds"),
+    TuningStep("quiet_tokens", {"quiet_tokens": ("down_proj",)}, {"quiet_tokens": (), "quiet_tune": 0},
+               lambda s: bool(s.quiet_tokens), options={"kinds": "quiet_tokens", "windows": "quiet_tune"},
+               needs=("windows",), exported=False, layer_by_layer=False,
+               help="a second static range for token ids far below the range (kinds=down_proj|...), tuned "
+                    "on range_tune's windows or `windows`; in memory only"),
+)}
+AUTO_TUNE = ("gptq", "act_clip")  # `--tune auto`: measured to help wherever they apply
+
+
+def steps_of(scheme) -> list[TuningStep]:
+    """The tuning steps a scheme runs (none for LLM.int8 or a float export)."""
+    return [s for s in TUNING.values() if isinstance(scheme, W8A8) and s.active(scheme)]
+
+
+def parse_tune(spec: str, layer_by_layer: bool = False, saved_stats: bool = False) -> dict[str, Any]:
+    """`--tune` as scheme fields: "auto" (AUTO_TUNE where it can run: GPTQ needs the Hessians, which
+    neither the layer-by-layer pipeline nor a statistics file without them holds; act_clip only
+    where a static input is rotated), "none", or steps joined by '+' with options as in recipes,
+    list values joined by '|': "gptq+range_tune:windows=4,each=down_proj". Steps not named are off."""
+    fields: dict[str, Any] = {k: v for s in TUNING.values() for k, v in s.off.items()}
+    if spec == "auto":
+        fields.update(gptq=not layer_by_layer and not saved_stats, act_clip=None)
+        return fields
+    if spec in ("none", ""):
+        return fields
+    for part in spec.split("+"):
+        name, _, opts = part.strip().partition(":")
+        step = TUNING.get(name)
+        if step is None:
+            raise OutlierqError(f"unknown tuning step {name!r} in --tune {spec!r}; known: auto, none, "
+                                f"{', '.join(TUNING)}")
+        fields.update(step.on)
+        for o in filter(None, opts.split(",")):
+            k, eq, v = o.partition("=")
+            if not eq or k not in step.options:
+                raise OutlierqError(f"--tune {name}: option {o!r}; write key=value with key one of "
+                                    f"{', '.join(step.options) or '(none: it takes no options)'}")
+            target = step.options[k]
+            like = getattr(W8A8(), target)  # (the field's default says its type)
+            if isinstance(like, tuple):
+                fields[target] = tuple(x for x in v.split("|") if x)
+            elif isinstance(like, int) and not isinstance(like, bool):
+                if not v.isdigit():
+                    raise OutlierqError(f"--tune {name}: {k}={v!r} must be a whole number >= 0")
+                fields[target] = int(v)
+            else:
+                fields[target] = v  # (a name: the scheme checks it)
+    return fields
+
+
+def check_needs(scheme, stats, windows, layer_by_layer: bool) -> None:
+    """One line, before any Linear is replaced, for a step the run cannot feed."""
+    if layer_by_layer:
+        check_layer_by_layer(scheme)
+    for s in steps_of(scheme):
+        for need in s.needs:
+            have = {"rows": stats is not None and bool(stats.samples),
+                    "hessians": stats is not None and bool(stats.hessians),
+                    "windows": windows is not None and getattr(windows, "ndim", 0) == 2}[need]
+            if not have:
+                raise OutlierqError(f"tuning step {s.name} needs {NEEDS[need]}")
+
+
+def check_layer_by_layer(scheme) -> None:
+    stray = [s.name for s in steps_of(scheme) if not s.layer_by_layer]
+    if stray:
+        raise OutlierqError(f"tuning step {stray[0]} is not available layer by layer (--sequential, or a model "
+                            "too big for memory): quantize in memory, or leave it out of --tune")
+
+
+def check_exported(scheme) -> None:
+    """A checkpoint cannot carry what an in-memory-only step chose."""
+    stray = [s.name for s in steps_of(scheme) if not s.exported]
+    if stray:
+        raise OutlierqError(f"tuning step {stray[0]} lives in memory only (no checkpoint format carries it): "
+                            "leave it out of --tune to export")

@@ -64,6 +64,20 @@ def test_fp8_linear_equals_its_oracle_and_a_brute_force_reference(act):
     torch.testing.assert_close(yo, ref, rtol=1e-4, atol=1e-3)
 
 
+def test_fp8_weights_only_equal_a_brute_force_reference():
+    """act="none" (the study's "FP8 weights only" rows): the inputs stay float."""
+    from outlierq.quant import W8A8
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(10, 64, generator=g) * 5
+    m = Int8Linear.from_linear(lin, "none", fmt="fp8")
+    ws = lin.weight.abs().amax(1).double() / 448
+    wq = _nearest_brute((lin.weight.double() / ws[:, None]).flatten().float()).view(48, 64).double() * ws[:, None]
+    torch.testing.assert_close(m(x), (x.double() @ wq.t() + lin.bias.double()).float(), rtol=1e-5, atol=1e-5)
+    assert W8A8(act="none", format="fp8").act_for("model.layers.0.mlp.down_proj") == "none"
+
+
 def test_gptq_in_fp8_lowers_the_output_error():
     from outlierq.quant import quantize_weight
 

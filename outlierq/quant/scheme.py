@@ -21,8 +21,9 @@ class W8A8:
     matched by `matches`, the one matcher quantize_, export and load share."""
     act: Literal["token", "tensor", "none"] = "token"   # "none": weight-only int8
     # the number format of weights and activations (quant/formats.py): "int8", or "fp8" (E4M3,
-    # what H100-class GPUs serve). FP8 runs the Linears; MoE experts, act_clip (its error model is
-    # int8's uniform steps), range_tune and quiet tokens are int8 only for now.
+    # what H100-class GPUs serve). FP8 runs the Linears (act="none": FP8 weights only, in memory);
+    # MoE experts, act_clip (its error model is int8's uniform steps), range_tune and quiet tokens
+    # are int8 only for now.
     format: Literal["int8", "fp8"] = "int8"
     # Linears kept float. The output head is float by default (llm-compressor's and vLLM's
     # convention); `skip=()` quantizes it too (`--int8-head`): with a large vocabulary it is a
@@ -103,9 +104,9 @@ class W8A8:
                                     f"{getattr(self, field)!r}: write ({getattr(self, field)!r},)")
         if self.format not in ("int8", "fp8"):
             raise OutlierqError(f"W8A8(format={self.format!r}): choose int8 or fp8")
-        if self.format == "fp8" and (self.act_clip or self.range_tune or self.act == "none"):
-            raise OutlierqError("W8A8(format='fp8') runs with per-token or static activations, without "
-                                "act_clip, range_tune or quiet tokens (int8 only for now)")
+        if self.format == "fp8" and (self.act_clip or self.range_tune):
+            raise OutlierqError("W8A8(format='fp8') runs without act_clip, range_tune or quiet tokens "
+                                "(int8 only for now)")
         if self.act_clip and self.act != "tensor":
             raise OutlierqError("W8A8(act_clip=True) sets static input ranges: use act='tensor'")
         if self.range_tune and self.act != "tensor":

@@ -143,7 +143,7 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
 
     Why the kind's ids in every Linear of it, not each Linear's own: on Gemma-3, keying ' ' only
     in the down_projs where it passed the threshold (5 of 18, all 142 windows) took the static KL
-    from 0.01718 to 0.01499; keying it in every down_proj, as scripts/quiet_tokens.py does, gave
+    from 0.01718 to 0.01499; keying it in every down_proj, as the probe of results/quiet_tokens_gemma3-270m.md did, gave
     more in its probe (results/quiet_tokens_gemma3-270m.md). A quiet share near the threshold is
     noise on calibration text, and a keyed row that is loud is clipped at the quiet range, which
     the factor's tune weighs."""

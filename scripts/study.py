@@ -161,10 +161,10 @@ ROWS = [
     # FP8 (E4M3) weights and activations: what each mitigation buys there (issue 30); the
     # SmoothQuant search scores for FP8 (the scheme's format)
     ("FP8 naive", "", "fp8"),
-    # FP8 weights with float activations (and int8's twin): how much of FP8's loss the weights carry
+    # FP8 weights with float activations (int8's twin is "int8 weights only + GPTQ" above): how much
+    # of FP8's loss the weights carry
     ("FP8 weights only", "", W8A8(act="none", format="fp8")),
     ("FP8 weights only + GPTQ", "", W8A8(act="none", format="fp8", gptq=True)),
-    ("int8 weights only + GPTQ", "", W8A8(act="none", gptq=True)),
     ("FP8 + GPTQ", "", "fp8+gptq"),
     ("FP8 SmoothQuant searched", "smoothquant:alpha=search,act={act}", "fp8"),
     ("FP8 Rotate + OCS split + SmoothQuant searched", "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "fp8"),

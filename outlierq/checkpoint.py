@@ -83,12 +83,17 @@ def _quantization_config(model: nn.Module, ignore: list[str], expert_format: str
     if len(fmts) > 1:
         raise OutlierqError("this model mixes int8 and FP8 Linears; an export holds one number format")
     fmt = fmts.pop()
+    strategies = {m.weight_strategy for m in model.modules() if isinstance(m, Int8Linear)} or {"channel"}
+    if len(strategies) > 1:
+        raise OutlierqError("this model mixes per-channel and per-tensor weight scales; an export holds one")
+    strategy = strategies.pop()
     kinds = sorted({(a, x) for _, a, x in units})
     simple = len(kinds) == 1 and not kinds[0][1]
     everyone = {n: a for n, a, _ in units}
     groups = {}
     for i, (act, is_expert) in enumerate(kinds):
-        w = QuantizationArgs(num_bits=8, type=fmt.ct_type, symmetric=True, strategy="channel", dynamic=False)
+        w = QuantizationArgs(num_bits=8, type=fmt.ct_type, symmetric=True, strategy=strategy if not is_expert
+                             else "channel", dynamic=False)
         a = QuantizationArgs(num_bits=8, type=fmt.ct_type, symmetric=True,
                              strategy="token" if act == "token" else "tensor", dynamic=act == "token")
         names = [n for n, ac, x in units if ac == act and x == is_expert]
@@ -118,6 +123,12 @@ def _format_of(qc: dict[str, Any]) -> str:
     return "fp8" if types == {"float"} else "int8"
 
 
+def _weight_strategy(qc: dict[str, Any]) -> str:
+    """channel or tensor: the weight scales of the checkpoint's Linears (one per export)."""
+    kinds = {g["weights"].get("strategy", "channel") for g in qc["config_groups"].values()} - {"channel"}
+    return "tensor" if kinds == {"tensor"} else "channel"
+
+
 def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
                 part: int | str | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the family's original names: Conv1D weights transposed back
@@ -140,7 +151,8 @@ def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
             out[name] = t.detach().cpu().contiguous()
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear) and mine(name + "."):
-            out[f"{name}.weight_scale"] = m.weight_scale.to(dtype).reshape(-1, 1).contiguous()
+            s = m.weight_scale[:1].reshape(1) if m.weight_strategy == "tensor" else m.weight_scale.reshape(-1, 1)
+            out[f"{name}.weight_scale"] = s.to(dtype).contiguous()
             if m.input_scale is not None:
                 out[f"{name}.input_scale"] = m.input_scale.to(dtype).reshape(1).contiguous()
     for i, layer in enumerate(decoder_layers(model, spec)):
@@ -460,6 +472,9 @@ def load(path: str | Path, device: str = "cpu"):
     _load_rotations(model, qc, sd)
     for k in [k for k in sd if k.endswith("weight_scale")]:
         sd[k] = sd[k].float().reshape(-1)
+        m = model.get_submodule(k.rpartition(".")[0])
+        if isinstance(m, Int8Linear) and sd[k].numel() == 1 and _weight_strategy(qc) == "tensor":
+            sd[k], m.weight_strategy = sd[k].expand(m.out_features).clone(), "tensor"
     for k in [k for k in sd if k.endswith("input_scale")]:
         sd[k] = sd[k].float().reshape(1)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -489,6 +504,9 @@ def _check_quantization_config(d: Path, qc: dict) -> None:
             raise OutlierqError(f"{d}/config.json: config group {name!r} is not W8A8 as outlierq reads it "
                                 "(8-bit int or float weights with targets, per-token or per-tensor input "
                                 "activations of the same type)")
+    if any(g["weights"].get("strategy", "channel") not in ("channel", "tensor") for g in groups.values()):
+        raise OutlierqError(f"{d}/config.json: weight scales per channel or per tensor only (outlierq reads no "
+                            "group or block strategy)")
     if len({g["weights"]["type"] for g in groups.values()}) > 1:
         raise OutlierqError(f"{d}/config.json: its config groups mix int and float weights; outlierq reads one format")
     if not isinstance(qc.get("ignore", []), list):

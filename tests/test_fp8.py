@@ -116,6 +116,43 @@ def test_fp8_exports_reload_bit_identically_and_load_in_transformers(tmp_path, s
     torch.testing.assert_close(hf(input_ids=x).logits, y, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
+@pytest.mark.parametrize("scheme", ["W8A8", "W8A8_STATIC", "FP8_DYNAMIC", "FP8"])
+def test_presets_export_what_compressed_tensors_means_by_their_names(tmp_path, scheme):
+    """The exported weights and input-activation args equal compressed-tensors' own preset of that
+    name (W8A8_STATIC, outlierq's name: W8A8 with static per-tensor activations); per-tensor weight
+    scales are stored as one value."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    model = tiny_model("LlamaForCausalLM")
+    compress(model, None, "none", scheme, calibration=token_batch(4, 16, seed=3), progress=False)
+    export(model, tmp_path / "c", char_tokenizer())
+    (group,) = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    want = copy.deepcopy(PRESET_SCHEMES["W8A8" if scheme == "W8A8_STATIC" else scheme])
+    if scheme == "W8A8_STATIC":
+        want["input_activations"] = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor",
+                                                     dynamic=False)
+    for part in ("weights", "input_activations"):
+        for k in ("num_bits", "type", "symmetric", "strategy", "dynamic"):
+            assert group[part][k] == getattr(want[part], k), (scheme, part, k)  # (str enums equal their values)
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "c" / "model.safetensors"))
+    shape = (1,) if want["weights"].strategy == "tensor" else (64, 1)
+    assert sd["model.layers.0.self_attn.q_proj.weight_scale"].shape == shape
+
+
+def test_fp8_per_tensor_weights_equal_a_brute_force_reference():
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) * torch.linspace(0.1, 3, 48)[:, None])
+    m = Int8Linear.from_linear(lin, "none", fmt="fp8", weight_strategy="tensor")
+    ws = lin.weight.abs().max().double() / 448
+    wq = _nearest_brute((lin.weight.double() / ws).flatten().float()).view(48, 64).double() * ws
+    torch.testing.assert_close(m.dequantized_weight().double(), wq, rtol=1e-6, atol=1e-9)
+
+
 def test_smoothquant_searches_for_the_schemes_format():
     from outlierq.pipeline import resolve_recipe
 

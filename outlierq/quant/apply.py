@@ -137,7 +137,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
                 act_clips[name] = ratio
             clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
             hess = stats.hessians[name] if config.gptq else None
-            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess, config.format)
+            new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess, config.format,
+                                         config.weight_strategy)
         set_module(model, name, new)
     if spec.experts is not None:
         for i, layer in enumerate(decoder_layers(model, spec)):

@@ -48,6 +48,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.act, self.fake, self.backend = act, fake, backend
         self.fmt: Format = get_format(fmt)
+        self.weight_strategy = "channel"  # or "tensor": weight_scale holds one value, repeated
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.fmt.dtype))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("input_scale", torch.ones(1) if act == "tensor" else None)
@@ -63,10 +64,12 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, act="token", input_scale: float | None = None,
                     fake: bool = False, backend: str = "auto", clip: torch.Tensor | None = None,
-                    hessian: torch.Tensor | None = None, fmt: str = "int8") -> "Int8Linear":
+                    hessian: torch.Tensor | None = None, fmt: str = "int8",
+                    weight_strategy: str = "channel") -> "Int8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, fake, backend,
                 dtype=lin.weight.dtype, fmt=fmt)
-        q, s = quantize_weight(lin.weight, backend, clip, hessian, m.fmt)
+        q, s = quantize_weight(lin.weight, backend, clip, hessian, m.fmt, per_tensor=weight_strategy == "tensor")
+        m.weight_strategy = weight_strategy
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
         if lin.bias is not None:

@@ -25,6 +25,10 @@ class W8A8:
     # MoE experts, act_clip (its error model is int8's uniform steps), range_tune and quiet tokens
     # are int8 only for now.
     format: Literal["int8", "fp8"] = "int8"
+    # one weight scale per output channel, or one per tensor (compressed-tensors' FP8 preset: an
+    # E4M3 code carries its own exponent, so one scale loses little; and vLLM's CPU fallback for
+    # static FP8 activations runs only with per-tensor weight scales)
+    weight_strategy: Literal["channel", "tensor"] = "channel"
     # Linears kept float. The output head is float by default (llm-compressor's and vLLM's
     # convention); `skip=()` quantizes it too (`--int8-head`): with a large vocabulary it is a
     # third of the prefill here, and a tied head is untied (the embeddings stay float).
@@ -102,6 +106,10 @@ class W8A8:
             if isinstance(getattr(self, field), str):
                 raise OutlierqError(f"W8A8({field}=...) takes a tuple of target patterns, got the string "
                                     f"{getattr(self, field)!r}: write ({getattr(self, field)!r},)")
+        if self.weight_strategy not in ("channel", "tensor"):
+            raise OutlierqError(f"W8A8(weight_strategy={self.weight_strategy!r}): choose channel or tensor")
+        if self.weight_strategy == "tensor" and self.weight_clip:
+            raise OutlierqError("W8A8(weight_clip=True) searches a clip per output channel: use weight_strategy='channel'")
         if self.format not in ("int8", "fp8"):
             raise OutlierqError(f"W8A8(format={self.format!r}): choose int8 or fp8")
         if self.format == "fp8" and (self.act_clip or self.range_tune):
@@ -135,7 +143,8 @@ class W8A8:
 # Presets by their compressed-tensors names (W8A8_STATIC and W8A16 are outlierq's names for the
 # static int8 and weight-only int8 schemes; llm-compressor spells them as options of W8A8).
 PRESETS = {"W8A8": dict(act="token"), "W8A8_STATIC": dict(act="tensor"), "W8A16": dict(act="none"),
-           "FP8_DYNAMIC": dict(act="token", format="fp8"), "FP8": dict(act="tensor", format="fp8")}
+           "FP8_DYNAMIC": dict(act="token", format="fp8"),
+           "FP8": dict(act="tensor", format="fp8", weight_strategy="tensor")}
 
 
 def preset(name: str, **over) -> "W8A8":

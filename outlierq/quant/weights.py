@@ -11,24 +11,26 @@ from .formats import INT8, Format
 
 
 def quantize_weight(w: torch.Tensor, backend: str = "auto", clip: torch.Tensor | None = None,
-                    hessian: torch.Tensor | None = None, fmt: Format = INT8) -> tuple[torch.Tensor, torch.Tensor]:
+                    hessian: torch.Tensor | None = None, fmt: Format = INT8,
+                    per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric 8-bit weights: (codes [N, K] in `fmt`'s dtype, scale [N] f32),
     scale = absmax/qmax, or clip[n] * absmax/qmax with a clip ratio per output channel (values
     beyond it saturate). With the input Hessian [K, K] the codes on that scale come from GPTQ
-    (`gptq_codes`).
+    (`gptq_codes`). per_tensor: one scale for the whole matrix (absmax/qmax), repeated per row.
 
     A bf16/fp16 weight gets its scale rounded to that dtype first (the checkpoint stores scales in
     the model dtype) and its codes from the rounded scale, so the model outlierq evaluates is the
     one it exports."""
     if hessian is not None:
-        _, scale = quantize_weight(w, backend, clip, fmt=fmt)
+        _, scale = quantize_weight(w, backend, clip, fmt=fmt, per_tensor=per_tensor)
         return gptq_codes(w, hessian, scale, fmt=fmt), scale
     low = w.dtype in (torch.bfloat16, torch.float16)
-    if clip is None and not low and fmt is INT8:
+    if clip is None and not low and fmt is INT8 and not per_tensor:
         q, scale, _ = ops.quantize_per_token(w.detach().float(), backend=backend)
         return q, scale
     wf = w.detach().to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
-    scale = (wf.abs().amax(1) * (1.0 if clip is None else clip.float()) / fmt.qmax).clamp(min=1e-12)
+    amax = wf.abs().amax().expand(wf.shape[0]) if per_tensor else wf.abs().amax(1)
+    scale = (amax * (1.0 if clip is None else clip.float()) / fmt.qmax).clamp(min=1e-12)
     if low:
         scale = scale.to(w.dtype).float().clamp(min=torch.finfo(w.dtype).tiny)
     return fmt.codes(wf.mul_(scale.reciprocal()[:, None])), scale

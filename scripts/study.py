@@ -166,6 +166,10 @@ ROWS = [
     ("FP8 weights only", "", W8A8(act="none", format="fp8")),
     ("FP8 weights only + GPTQ", "", W8A8(act="none", format="fp8", gptq=True)),
     ("FP8 + GPTQ", "", "fp8+gptq"),
+    # compressed-tensors' FP8 preset (--scheme FP8): per-tensor weight scales, static activations
+    ("FP8 preset (per-tensor weights)", "", W8A8(act="tensor", format="fp8", weight_strategy="tensor")),
+    ("FP8 preset (per-tensor weights) + SmoothQuant searched + GPTQ", "smoothquant:alpha=search,act={act}",
+     W8A8(act="tensor", format="fp8", weight_strategy="tensor", gptq=True)),
     ("FP8 SmoothQuant searched", "smoothquant:alpha=search,act={act}", "fp8"),
     ("FP8 Rotate + OCS split + SmoothQuant searched", "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "fp8"),
     ("FP8 Rotate + OCS split + SmoothQuant searched + GPTQ",

@@ -13,7 +13,8 @@ from ..errors import OutlierqError
 
 @dataclass(frozen=True)
 class W8A8:
-    """int8 weights per output channel; int8 activations per token (dynamic) or per tensor (static).
+    """8-bit weights (int8 or FP8) per output channel or per tensor; 8-bit activations per token
+    (dynamic) or per tensor (static), or none (weights only).
 
     Shaped like a compressed-tensors scheme: Linears matching `token_for` get per-token
     activations, every other quantizable Linear gets `act`, and `skip` (ignore) stays float.
@@ -30,7 +31,7 @@ class W8A8:
     # static FP8 activations runs only with per-tensor weight scales)
     weight_strategy: Literal["channel", "tensor"] = "channel"
     # Linears kept float. The output head is float by default (llm-compressor's and vLLM's
-    # convention); `skip=()` quantizes it too (`--int8-head`): with a large vocabulary it is a
+    # convention); `skip=()` quantizes it too (`--scheme W8A8:head=true`): with a large vocabulary it is a
     # third of the prefill here, and a tied head is untied (the embeddings stay float).
     skip: tuple[str, ...] = ("lm_head",)
     fake: bool = False                                  # dequantize-and-matmul reference
@@ -39,67 +40,21 @@ class W8A8:
     # scales cannot follow down_proj's token-to-token range (SwiGLU products), so
     # ("*down_proj",) buys most of the accuracy back while everything else stays static.
     token_for: tuple[str, ...] = ()
-    # search a clip ratio per output channel of each Linear's int8 weights on the kept
-    # calibration rows (`clip_search`); needs statistics with kept rows
-    weight_clip: bool = False
-    # round the int8 weights with GPTQ's error feedback (`outlierq.gptq`) instead of to nearest,
-    # on the scale above; needs statistics calibrated with hessians=True. MoE experts stay
-    # round-to-nearest.
-    gptq: bool = False
-    # with act="tensor": the static range of each input rotated online (rotate_down) is set
-    # at the clip ratio of its max that gives the least int8 squared error over the calibration
-    # values (`act_clip_search`), not at the max. After the rotation no single channel carries the
-    # range, so a clip cuts a few large-norm tokens a little and refines everyone else's step
-    # (results/ppl_*.md: SmolLM2 static +0.86% -> +0.49%, Gemma-3 +4.19% -> +1.72% with the
-    # "token" objective below). Unrotated inputs keep their max:
-    # there a clip cuts the massive channels (results/static_diagnosis_smollm2-135m.md: x0.5 on
-    # down_proj takes KL from 0.034 to 0.187). None (the default): on wherever a static Linear
-    # reads a rotated input, without a notice where none does.
+    # The tuning steps' settings (registered in quant/tuning.py TUNING, which says what each needs;
+    # what each does and measured: docs/guide.md, "Tuning steps"):
+    weight_clip: bool = False        # a clip ratio per output channel of the weights (kept rows)
+    gptq: bool = False               # GPTQ's error feedback through the calibration Hessians
+    # static ranges of inputs rotated online (rotate_down) at the clip of least int8 error; None:
+    # on wherever a static Linear reads a rotated input
     act_clip: bool | None = None
-    # what act_clip's search weighs: "value" every value alike (the plain MSE, where the few
-    # large-norm tokens decide the range), "token" every token alike (each value's squared error
-    # over its token's mean square). "auto": "token" where the family normalises each sublayer's
-    # output per token (`ArchSpec.output_norms`: there a token's error counts relative to its own
-    # norm), else "value". Measured: the "+ act clip" rows ("value") against the "+ act clip
-    # per token" rows of results/ppl_*.md.
+    # what act_clip weighs: every value alike, every token alike, or "auto" ("token" where the
+    # family normalises each sublayer's output, ArchSpec.output_norms)
     act_clip_objective: Literal["auto", "token", "value"] = "auto"
-    # with act="tensor", > 0: once every static range is set (at its max, or act_clip's ratio),
-    # scale the ranges of each kind of Linear (q_proj, ..., down_proj) by the factor of
-    # RANGE_TUNE_GRID that gives the least KL of the model's next-token distribution from the
-    # float model's on this many calibration windows (`tune_ranges`). act_clip scores each input's
-    # own error; this scores what the model outputs. Needs the windows (outlierq.compress passes
-    # its calibration windows) and the whole model (not layer by layer). The ranges stay plain
-    # input scales: an exported checkpoint carries them.
-    range_tune: int = 0
-    # with range_tune: kinds (e.g. ("down_proj",)) whose Linears are then tuned one at a time on
-    # the same windows, each by a factor of the grid on top of its kind's (one more pass of
-    # coordinate descent, layer by layer). On Gemma-3's best static recipe down_proj's static
-    # ranges are what is left (results/static_losses_gemma3-270m.md, 2 windows): every down_proj
-    # per-token takes KL from 0.0179 to 0.0068, no other kind per-token helps. Its
-    # large-norm tokens differ from layer to layer (results/static_diagnosis_gemma3-270m.md), so one
-    # factor for every layer is coarse. But one layer's down_proj per-token alone never helps much
-    # (0.0160 at best): the layers' errors interact, which a one-at-a-time descent may not undo.
-    range_tune_each: tuple[str, ...] = ()
-    # with range_tune: kinds (e.g. ("down_proj",)) whose static Linears get a second static range
-    # for their kind's "quiet tokens" (`key_quiet_tokens`): token ids whose rows into some Linear of
-    # the kind are often far below its range on the calibration windows. Which range a row takes is
-    # looked up from the model's input ids, so no activation is measured at run time: the scales
-    # stay constants. Why: on Gemma-3 the lone space token ' ' (3% of tokens) is bimodal in
-    # down_proj (layers 7 and 9-15 most): most of its rows are among the largest, ~1 in 6 sit below
-    # 1/16 of the range (down to 1/100), on a few of int8's steps, and the post-feedforward norm
-    # scales that rounding noise back to full size. In a 2-window probe
-    # (results/quiet_tokens_gemma3-270m.md), its rows per-token take the static KL from 0.0179 to
-    # 0.0113, at a keyed static range x0.3 to 0.0134.
-    # The quiet range's factor (on the Linear's range) is tuned per kind on range_tune's windows.
-    # In memory only: a checkpoint has no place for a scale keyed by token id.
+    range_tune: int = 0              # > 0: scale each kind's static ranges for least KL on N windows
+    range_tune_each: tuple[str, ...] = ()  # then each Linear of these kinds on its own
+    # a second static range for these kinds' quiet token ids (in memory only: keyed by token id)
     quiet_tokens: tuple[str, ...] = ()
-    # with quiet_tokens: tune the quiet range's factor on this many calibration windows instead of
-    # range_tune's, scored by `coarse_kl_sum` against the float model's top QUIET_TOPK tokens per
-    # position (full log-probabilities are 537 MB per 512-token window on Gemma-3's vocabulary).
-    # Why: range_tune's 4 windows hold ~10 quiet ' ' rows on Gemma-3; there they pick factor 0.7
-    # where the held-out probe (results/quiet_tokens_gemma3-270m.md) favours 0.3. Measured: 32
-    # windows pick 0.7 too (results/ppl_gemma3-270m.md), so the study's best row keeps the default.
-    quiet_tune: int = 0
+    quiet_tune: int = 0              # tune the quiet range on N windows instead of range_tune's
 
     def __post_init__(self):
         for field in ("skip", "token_for"):  # a bare string would be read letter by letter

@@ -263,7 +263,6 @@ TUNING: dict[str, TuningStep] = {s.name: s for s in (
                help="a second static range for token ids far below the range (kinds=down_proj|...), tuned "
                     "on range_tune's windows or `windows`; in memory only"),
 )}
-AUTO_TUNE = ("gptq", "act_clip")  # `--tune auto`: measured to help wherever they apply
 
 
 def steps_of(scheme) -> list[TuningStep]:
@@ -272,9 +271,9 @@ def steps_of(scheme) -> list[TuningStep]:
 
 
 def parse_tune(spec: str, layer_by_layer: bool = False, saved_stats: bool = False) -> dict[str, Any]:
-    """`--tune` as scheme fields: "auto" (AUTO_TUNE where it can run: GPTQ needs the Hessians, which
-    neither the layer-by-layer pipeline nor a statistics file without them holds; act_clip only
-    where a static input is rotated), "none", or steps joined by '+' with options as in recipes,
+    """`--tune` as scheme fields: "auto" (the steps measured to help wherever they run: GPTQ, which
+    needs the Hessians that neither the layer-by-layer pipeline nor a statistics file holds, and
+    act_clip, which acts only where a static input is rotated), "none", or steps joined by '+' with options as in recipes,
     list values joined by '|': "gptq+range_tune:windows=4,each=down_proj". Steps not named are off."""
     fields: dict[str, Any] = {k: v for s in TUNING.values() for k, v in s.off.items()}
     if spec == "auto":

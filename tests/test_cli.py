@@ -86,3 +86,27 @@ def test_import_without_triton():
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_every_command_in_the_readme_and_guide_parses():
+    """The usage lines of README.md and docs/guide.md parse, and their schemes and tuning steps
+    validate (nothing runs): the documentation cannot drift from the CLI."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from outlierq import cli
+
+    root = Path(__file__).resolve().parents[1]
+    lines = []
+    for doc in ("README.md", "docs/guide.md"):
+        text = (root / doc).read_text().replace("\\\n", " ")
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            lines += [re.split(r"\s#", ln)[0].strip() for ln in block.splitlines() if ln.startswith("outlierq ")]
+    assert len(lines) > 10
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        a = cli._parser().parse_args(argv)
+        cli._scheme_args(a)
+        if a.cmd in ("quantize", "run"):
+            cli._scheme(a, layer_by_layer=getattr(a, "sequential", False))

@@ -142,6 +142,11 @@ ROWS = [
     ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ + act clip auto",
      "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096",
      W8A8(act="tensor", gptq=True, act_clip=True)),
+    # between the two: blocks of 416 (a quarter of the width; 416 = 4 x 104), a quarter of the
+    # dense block's cost per token and a sixteenth of its transform tensor
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down block 416 + GPTQ + act clip auto",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=416",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,block=4096", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + act clip auto",

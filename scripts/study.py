@@ -142,6 +142,17 @@ ROWS = [
     ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ + act clip auto",
      "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096",
      W8A8(act="tensor", gptq=True, act_clip=True)),
+    # the 128 block after dealing the intermediate channels to the blocks (rotate_down:deal=true:
+    # split's parts of a channel, appended side by side, no longer share a block)
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 dealt + GPTQ",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=true", "both+gptq"),
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 dealt + GPTQ + act clip auto",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=true",
+     W8A8(act="tensor", gptq=True, act_clip=True)),
+    ("SmoothQuant a=0.8 + rotate_down block 128 dealt + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=true",
+     "both+gptq"),
+    ("SmoothQuant a=0.8 + rotate_down all inputs block 128 dealt + GPTQ + act clip auto",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=true", W8A8(act="tensor", gptq=True, act_clip=True)),
     # between the two: blocks of 416 (a quarter of the width; 416 = 4 x 104), a quarter of the
     # dense block's cost per token and a sixteenth of its transform tensor
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 416 + GPTQ + act clip auto",

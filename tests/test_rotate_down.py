@@ -402,6 +402,65 @@ def test_block_rotation_shares_one_block_and_says_when_the_width_is_awkward():
     assert _rel(s(input_ids=x).logits, ref) < 1e-5
 
 
+def test_deal_order_puts_the_largest_channels_and_split_parts_in_different_blocks():
+    from outlierq.mitigate.rotate_down import deal_order
+
+    g = torch.Generator().manual_seed(0)
+    absmax = torch.rand(96, generator=g)
+    absmax[[3, 50, 94, 95]] = torch.tensor([40.0, 30.0, 20.0, 20.0])  # 94 and 95: parts of one split channel
+    order = deal_order(absmax, 16)  # 6 blocks
+    assert sorted(order.tolist()) == list(range(96))  # a permutation
+    block_of = {int(c): p // 16 for p, c in enumerate(order)}
+    # brute force: the k-th largest channel sits in block k mod 6, and every block's channels
+    # are in descending order
+    ranked = sorted(range(96), key=lambda c: (-absmax[c].item(), c))
+    assert all(block_of[c] == k % 6 for k, c in enumerate(ranked))
+    assert len({block_of[c] for c in (3, 50, 94, 95)}) == 4
+    for b in range(6):
+        vals = absmax[order[16 * b:16 * (b + 1)]]
+        assert torch.equal(vals, vals.sort(descending=True).values)
+    with pytest.raises(OutlierqError, match="needs block=B"):
+        RotateDown(block=None, deal=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deal_keeps_the_function(family):
+    model = tiny_model(family, outliers=True)
+    spec = get_arch(model)
+    if spec.mlp is None:  # no MLP layout to permute: refused (or rotate_down skipped, MoE)
+        refused = [p for p in spec.pairs if p.kind == "mlp"]
+        with pytest.raises(OutlierqError, match="deal=true needs") if refused else \
+                pytest.warns(OutlierqNotice, match="no dense MLP"):
+            compress(copy.deepcopy(model), None, "rotate_down:block=16,deal=true", None,
+                     token_batch(8, 16, seed=3), progress=False)
+        return
+    x = token_batch(2, 24)
+    ref = model(input_ids=x).logits
+    d = copy.deepcopy(model)
+    compress(d, None, "split:ratio=1.5,multiple=16+rotate_down:block=16,deal=true", None,
+             token_batch(8, 16, seed=3), progress=False)
+    assert _rel(d(input_ids=x).logits, ref) < 1e-5
+
+
+def test_deal_spreads_a_split_channel_over_blocks_and_lowers_the_static_range():
+    model = tiny_model("LlamaForCausalLM")
+    with torch.no_grad():  # a massive intermediate channel (same function): up row x50, down column /50
+        for layer in decoder_layers(model):
+            layer.mlp.up_proj.weight[5] *= 50
+            layer.mlp.down_proj.weight[:, 5] /= 50
+    windows = token_batch(16, 24, seed=3)
+
+    def down_range(deal: bool) -> float:
+        m = copy.deepcopy(model)
+        compress(m, None, f"split:ratio=8,multiple=32+rotate_down:block=32,deal={str(deal).lower()}",
+                 W8A8(act="tensor", fake=True, act_clip=False), windows, progress=False)
+        return max(layer.mlp.down_proj.input_scale.item() for layer in decoder_layers(m))
+
+    # undealt, split appends channel 5's parts side by side in the last block, where the Hadamard
+    # block adds them back up; dealt, each part has a block of its own
+    assert down_range(True) < 0.6 * down_range(False)
+
+
 @pytest.mark.parametrize("act,inputs", [("token", "down"), ("tensor", "all")])
 def test_block_rotation_exports_as_a_transform_and_reloads_bit_identically(tmp_path, act, inputs):
     import json

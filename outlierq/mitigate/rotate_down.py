@@ -65,6 +65,12 @@ class RotateDown:
     # input (servable: exported as a compressed-tensors transform_config); None: the full-width
     # Kronecker rotation (in memory only)
     block: int | None = 128
+    # block only: first permute the MLP's intermediate channels (gate/up rows, down_proj columns:
+    # offline, free at serving) so that, largest max|x| first, they are dealt to the blocks in turn.
+    # A block spreads a massive channel over its own B channels only, and OCS split appends a
+    # channel's parts side by side, where a Hadamard block adds them back up; dealt, the largest
+    # channels and every part of a split one sit in different blocks
+    deal: bool = False
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
@@ -78,6 +84,8 @@ class RotateDown:
                 raise OutlierqError("rotate_down block=B uses Hadamard blocks (what vLLM applies); "
                                     "kind=random needs block=none (in memory only)")
             object.__setattr__(self, "block", int(self.block))
+        elif self.deal:
+            raise OutlierqError("rotate_down deal=true deals channels to blocks: it needs block=B")
 
 
 class InputRotation(nn.Module):
@@ -212,6 +220,8 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
             continue
+        if cfg.deal:
+            _deal(layer, spec.mlp, stats, f"{spec.layers}.{i}", cfg.block)
         for name in consumers_of(i):
             lin = resolve(layer, name)
             if isinstance(lin, RotatedLinear):
@@ -247,6 +257,38 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
         stats.meta = dict(stats.meta, recalibrate=sorted(set(stats.meta.get("recalibrate", [])) | set(stale)),
                           down_rotation=" / ".join(sorted(what)))
     return stats
+
+
+def deal_order(absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """The permutation (new channel p holds old channel order[p]) that deals channels, largest
+    first, to the n / block blocks in turn: the k-th largest lands in block k mod (n / block)."""
+    n = absmax.numel()
+    blocks = n // block
+    ranked = torch.sort(absmax, descending=True, stable=True).indices
+    k = torch.arange(n)
+    order = torch.empty(n, dtype=torch.long)
+    order[(k % blocks) * block + k // blocks] = ranked
+    return order
+
+
+@torch.no_grad()
+def _deal(layer: nn.Module, mlp, stats, prefix: str, block: int) -> None:
+    """Permute one layer's MLP intermediate channels by `deal_order` of down_proj's input maxima."""
+    if mlp is None or stats is None or f"{prefix}.{mlp.down}" not in stats.inputs:
+        raise OutlierqError("rotate_down deal=true needs the family's MLP layout (gate/up -> down) and "
+                            "calibrated statistics of down_proj's input")
+    absmax = stats.input_absmax(f"{prefix}.{mlp.down}")
+    b = _dividing_order(absmax.numel(), block)
+    if absmax.numel() // b < 2:
+        return
+    order = deal_order(absmax.float().cpu(), b)
+    down, up = resolve(layer, mlp.down), resolve(layer, mlp.up)
+    down.weight.data = down.weight.data[:, order.to(down.weight.device)]
+    rows = order if not mlp.fused else torch.cat([order, order + order.numel()])  # [gate | up]
+    for lin in [up] + ([resolve(layer, mlp.gate)] if mlp.gate else []):
+        lin.weight.data = lin.weight.data[rows.to(lin.weight.device)]
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.data[rows.to(lin.bias.device)]
 
 
 def _dividing_order(n: int, limit: int) -> int:

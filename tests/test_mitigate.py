@@ -217,7 +217,7 @@ def test_token_objective_weighs_every_row_alike():
 @pytest.mark.filterwarnings("ignore::outlierq.errors.OutlierqNotice")
 @pytest.mark.parametrize("family, act, want", [
     ("Gemma3ForCausalLM", "token", ["smoothquant", "rotate_down"]),
-    ("Gemma3ForCausalLM", "tensor", ["split", "smoothquant"]),
+    ("Gemma3ForCausalLM", "tensor", ["smoothquant", "rotate_down"]),
     ("LlamaForCausalLM", "token", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("LlamaForCausalLM", "tensor", ["rotate", "split", "smoothquant", "rotate_down"]),
     ("MixtralForCausalLM", "token", ["split", "smoothquant"]),

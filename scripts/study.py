@@ -133,14 +133,14 @@ ROWS = [
     # servable R4: rotate_down's block-diagonal Hadamard (block 128), which the export carries as a
     # compressed-tensors transform_config and vLLM applies (split pads its size for the block)
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down", "both+gptq"),
-    ("SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down", "both+gptq"),
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false", "both+gptq"),
+    ("SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=false", "both+gptq"),
     # the same, one dense block over the whole width (block=4096: the largest Hadamard order up to
     # 4096 that divides it; SmolLM2's split width 1664 = 16 x 104, Gemma-3's 2048)
     ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096", "both+gptq"),
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096,deal=false", "both+gptq"),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down dense + GPTQ + act clip auto",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=4096,deal=false",
      W8A8(act="tensor", gptq=True, act_clip=True)),
     # the 128 block after dealing the intermediate channels to the blocks (rotate_down:deal=true:
     # split's parts of a channel, appended side by side, no longer share a block)
@@ -153,23 +153,19 @@ ROWS = [
      "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 dealt + GPTQ + act clip auto",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=true", W8A8(act="tensor", gptq=True, act_clip=True)),
-    # between the two: blocks of 416 (a quarter of the width; 416 = 4 x 104), a quarter of the
-    # dense block's cost per token and a sixteenth of its transform tensor
-    ("Rotate + OCS split + SmoothQuant searched + rotate_down block 416 + GPTQ + act clip auto",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:block=416",
-     W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",
-     "smoothquant:alpha=0.8+rotate_down:inputs=all,block=4096", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,block=4096,deal=false",
+     W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + act clip auto",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false",
      W8A8(act="tensor", gptq=True, act_clip=True)),
     ("OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + act clip auto",
-     "split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down",
+     "split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false",
      W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto",
-     "smoothquant:alpha=0.8+rotate_down:inputs=all", W8A8(act="tensor", gptq=True, act_clip=True)),
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto + range tune",
-     "smoothquant:alpha=0.8+rotate_down:inputs=all", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false", W8A8(act="tensor", gptq=True, act_clip=True, range_tune=4)),
     ("OCS split + SmoothQuant searched + GPTQ + range tune", "split:ratio=4+smoothquant:alpha=search,act={act}",
      W8A8(act="tensor", gptq=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + GPTQ + range tune",
@@ -191,9 +187,9 @@ ROWS = [
     ("FP8 Rotate + OCS split + SmoothQuant searched + GPTQ",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", "fp8+gptq"),
     ("FP8 Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ",
-     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down", "fp8+gptq"),
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false", "fp8+gptq"),
     ("FP8 SmoothQuant a=0.8 + GPTQ", "smoothquant:alpha=0.8", "fp8+gptq"),
-    ("FP8 SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down", "fp8+gptq"),
+    ("FP8 SmoothQuant a=0.8 + rotate_down block 128 + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=false", "fp8+gptq"),
 ]
 
 

@@ -69,8 +69,9 @@ class RotateDown:
     # offline, free at serving) so that, largest max|x| first, they are dealt to the blocks in turn.
     # A block spreads a massive channel over its own B channels only, and OCS split appends a
     # channel's parts side by side, where a Hadamard block adds them back up; dealt, the largest
-    # channels and every part of a split one sit in different blocks
-    deal: bool = False
+    # channels and every part of a split one sit in different blocks. None: wherever the layout
+    # allows (gated or ReLU MLPs: the layout `split` uses); true: required
+    deal: bool | None = None
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
@@ -86,6 +87,8 @@ class RotateDown:
             object.__setattr__(self, "block", int(self.block))
         elif self.deal:
             raise OutlierqError("rotate_down deal=true deals channels to blocks: it needs block=B")
+        if self.deal not in (None, True, False):
+            raise OutlierqError(f"rotate_down deal must be true or false, got {self.deal!r}")
 
 
 class InputRotation(nn.Module):
@@ -220,8 +223,8 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
             continue
-        if cfg.deal:
-            _deal(layer, spec.mlp, stats, f"{spec.layers}.{i}", cfg.block)
+        if cfg.block is not None and cfg.deal is not False:
+            _deal(layer, spec.mlp, stats, f"{spec.layers}.{i}", cfg.block, required=bool(cfg.deal))
         for name in consumers_of(i):
             lin = resolve(layer, name)
             if isinstance(lin, RotatedLinear):
@@ -272,9 +275,12 @@ def deal_order(absmax: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _deal(layer: nn.Module, mlp, stats, prefix: str, block: int) -> None:
-    """Permute one layer's MLP intermediate channels by `deal_order` of down_proj's input maxima."""
+def _deal(layer: nn.Module, mlp, stats, prefix: str, block: int, required: bool) -> None:
+    """Permute one layer's MLP intermediate channels by `deal_order` of down_proj's input maxima
+    (where the layout and statistics allow it; `required`: else refuse)."""
     if mlp is None or stats is None or f"{prefix}.{mlp.down}" not in stats.inputs:
+        if not required:
+            return
         raise OutlierqError("rotate_down deal=true needs the family's MLP layout (gate/up -> down) and "
                             "calibrated statistics of down_proj's input")
     absmax = stats.input_absmax(f"{prefix}.{mlp.down}")

@@ -39,12 +39,13 @@ DEFAULTS: dict[tuple[str, str], str] = {
     ("*", "token"): _SPLIT_SQ,
     ("*", "tensor"): _SPLIT_SQ,
     # results/ppl_smollm2-135m.md (16 windows): rotating first takes per-token W8A8 from +0.84%
-    # to +0.32% (KL 0.00925 -> 0.00724); then rotate_down's exported block-128 rotation to
-    # +0.14%, as good as the full-width rotation in memory (+0.15%)
+    # to +0.32% (KL 0.00925 -> 0.00724); then rotate_down's exported block-128 rotation, its
+    # channels dealt to the blocks, to +0.14% (KL 0.00212), as good as the full-width rotation in
+    # memory (+0.15%)
     ("rotatable", "token"): _R4,
-    # the same with static activations, act_clip on the rotated inputs (W8A8's default): +1.19%
-    # (exported); the earlier static default (OCS + searched SmoothQuant) +1.70% as exported.
-    # A dense rotation would do better (see docs/results.md) at a cost vLLM pays on every token
+    # the same with static activations, act_clip on the rotated inputs (W8A8's default): +0.56%
+    # (KL 0.00572; undealt +1.19%; one dense block +0.85%, but vLLM serves it no faster than the
+    # float model: results/serve_speed_smollm2-135m_static.md)
     ("rotatable", "tensor"): _R4,
     # results/ppl_gemma3-270m.md: a fixed alpha=0.8 beats the search for per-token activations
     # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%); split + search

@@ -53,7 +53,8 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # per-token KL (0.01123 -> 0.00492, top-1 94.68% -> 96.32%) while 16 windows' perplexity reads
     # +0.71% vs +0.32%; the default follows KL, as for SmolLM2 (the full-width rotation in memory:
     # KL 0.00510, +0.26% vs +0.43% on all 142 windows)
-    ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down",
+    # (undealt, as measured: Gemma has no split, so dealing only spreads the largest channels)
+    ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down:deal=false",
     # static: every Linear input rotated online by the exported 128 block (Gemma's post norms rule
     # out the offline rotation), which lets act_clip reach every static range: +1.17% (KL 0.01669)
     # against +4.41% for split + searched SmoothQuant, the static default before it

@@ -72,7 +72,12 @@ def _targets(names: list[str], everyone: dict[str, str]) -> list[str]:
 def _quantization_config(model: nn.Module, ignore: list[str], expert_format: str) -> dict[str, Any]:
     """One config group per (activation mode, experts or not). One mode and no experts: the
     common layout, targets ["Linear"]. Otherwise targets from `_targets` (disjoint), and experts
-    in their own group (transformers 5 dequantizes fused experts only from packed formats)."""
+    in their own group (transformers 5 dequantizes fused experts only from packed formats).
+
+    Built from the quantized modules, not from the scheme (issue 30 asked for the scheme): the
+    modules are what the tensors are — a scheme's targets can miss a Linear (a shape the GEMM
+    refuses, an expert kept float), a model reloaded by `outlierq.load` has no scheme, and a
+    user may quantize parts by hand; describing the modules cannot disagree with the weights."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     units = _units(model)

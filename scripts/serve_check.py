@@ -44,11 +44,14 @@ def table(rows: list[dict]) -> str:
 
 def fill_readme(rows: list[dict]) -> None:
     """The README's served table: the float model and today's defaults (labels fp32, auto-*) of
-    results/served.json, as served.md shows them (served.md keeps every row)."""
+    results/served.json, as served.md shows them (served.md keeps every row). A row of an older
+    default ("auto-token (undealt)") shows only while today's ("auto-token") has none for its model."""
     readme = ROOT / "README.md"
     text = readme.read_text()
     a, b = "<!-- served:start -->\n", "<!-- served:end -->"
-    rows = [r for r in rows if r["label"] == "fp32" or r["label"].startswith("auto-")]
+    today = {(r["model"], r["label"]) for r in rows}
+    rows = [r for r in rows if r["label"] == "fp32" or r["label"].startswith("auto-")
+            and (r["model"], r["label"].split(" (")[0]) not in today - {(r["model"], r["label"])}]
     body = "\n".join(table(rows).splitlines()[4:])  # (the header and its explanation are above it)
     start, end = text.index(a) + len(a), text.index(b)
     write_text(readme, text[:start] + body + "\n" + text[end:])

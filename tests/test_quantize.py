@@ -147,6 +147,33 @@ def test_weight_clip_search_picks_the_least_output_error():
     assert (q_same.int() - q1.int()).abs().max() <= 1
 
 
+def test_weight_clip_searches_in_the_schemes_format():
+    """FP8's clip ratios are FP8's brute-force best (its error is relative, so the ratios differ
+    from int8's): quantize_ applies the ratios searched for the format it stores."""
+    from outlierq.quant import CLIP_GRID, clip_search, quantize_weight
+    from outlierq.quant.formats import FP8
+
+    torch.manual_seed(1)
+    w, x = torch.randn(16, 48), torch.randn(64, 48)
+    w[:, 5] *= 6
+    x[:, 5] *= 0.01
+    ratios = clip_search(w, x, fmt=FP8)
+    for n in range(16):
+        errs = []
+        for r in CLIP_GRID:
+            q, s = quantize_weight(w[n:n + 1], clip=torch.tensor([r]), fmt=FP8)
+            errs.append(((x @ (w[n] - q[0].float() * s[0])) ** 2).sum().item())
+        assert ratios[n].item() == pytest.approx(CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)])
+    assert not torch.equal(ratios, clip_search(w, x))
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    stats = calibrate(model, token_batch(8, 32, seed=1), keep_rows=128, progress=False)
+    q = quantize_(copy.deepcopy(model), W8A8(act="none", format="fp8", weight_clip=True), stats, progress=False)
+    name = "model.layers.0.mlp.down_proj"
+    lin = dict(model.named_modules())[name]
+    want, _ = quantize_weight(lin.weight, clip=clip_search(lin.weight, stats.samples[name], fmt=FP8), fmt=FP8)
+    assert torch.equal(dict(q.named_modules())[name].weight.float(), want.float())
+
+
 def test_weight_clip_in_quantize_needs_rows_and_reduces_error():
     model = tiny_model("LlamaForCausalLM", outliers=True)
     calib, test = token_batch(8, 32, seed=1), token_batch(4, 32, seed=2)

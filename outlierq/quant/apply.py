@@ -135,7 +135,8 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
                 ratio = act_clip_search(stats.value_hists[name][row], scale * qmax)
                 scale *= ratio
                 act_clips[name] = ratio
-            clip = clip_search(lin.weight, stats.samples[name]) if config.weight_clip else None
+            clip = (clip_search(lin.weight, stats.samples[name], fmt=get_format(config.format))
+                    if config.weight_clip else None)
             hess = stats.hessians[name] if config.gptq else None
             new = Int8Linear.from_linear(lin, act, scale, config.fake, config.backend, clip, hess, config.format,
                                          config.weight_strategy)

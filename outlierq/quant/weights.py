@@ -45,15 +45,16 @@ CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00, 0.98, ..
 
 
 @torch.no_grad()
-def clip_search(w: torch.Tensor, rows: torch.Tensor, grid: tuple[float, ...] = CLIP_GRID) -> torch.Tensor:
-    """Per output channel, the clip ratio of `grid` whose int8 weights give the least squared
+def clip_search(w: torch.Tensor, rows: torch.Tensor, grid: tuple[float, ...] = CLIP_GRID,
+                fmt: Format = INT8) -> torch.Tensor:
+    """Per output channel, the clip ratio of `grid` whose `fmt` weights give the least squared
     output error on calibration rows [R, K] (float activations, as AWQ's clip search): output
     channel n depends on weight row n only, so each channel picks its own ratio. Returns [N]."""
     wf, x = w.detach().float(), rows.float()
     best_err = torch.full((wf.shape[0],), float("inf"))
     best = torch.ones(wf.shape[0])
     for r in grid:
-        q, s = quantize_weight(wf, clip=torch.full_like(best, r))
+        q, s = quantize_weight(wf, clip=torch.full_like(best, r), fmt=fmt)
         err = (x @ (wf - q.float() * s[:, None]).t()).pow(2).sum(0)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -75,9 +75,10 @@ def _quantization_config(model: nn.Module, ignore: list[str], expert_format: str
     in their own group (transformers 5 dequantizes fused experts only from packed formats).
 
     Built from the quantized modules, not from the scheme (issue 30 asked for the scheme): the
-    modules are what the tensors are — a scheme's targets can miss a Linear (a shape the GEMM
-    refuses, an expert kept float), a model reloaded by `outlierq.load` has no scheme, and a
-    user may quantize parts by hand; describing the modules cannot disagree with the weights."""
+    modules are what the tensors are — a Linear a scheme targets can stay float (a 1-wide gate,
+    one the model never calls, fused experts of an inferred architecture), a model reloaded by
+    `outlierq.load` has no scheme, and a user may quantize parts by hand; describing the modules
+    cannot disagree with the weights."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     units = _units(model)

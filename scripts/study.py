@@ -151,6 +151,11 @@ ROWS = [
      W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down block 128 dealt + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=true",
      "both+gptq"),
+    # Gemma-3's per-token loss by the servable block's width (its intermediate 2048: dense = block 2048)
+    ("SmoothQuant a=0.8 + rotate_down block 512 + GPTQ", "smoothquant:alpha=0.8+rotate_down:block=512,deal=false",
+     "both+gptq"),
+    ("SmoothQuant a=0.8 + rotate_down dense + GPTQ", "smoothquant:alpha=0.8+rotate_down:block=4096,deal=false",
+     "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 dealt + GPTQ + act clip auto",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=true", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",

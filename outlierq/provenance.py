@@ -65,6 +65,15 @@ def stamp() -> dict[str, Any]:
     }
 
 
+def cpu_kind() -> str:
+    """The CPU as speed depends on it: torch's kernel capability, and AMX where the CPU has it
+    (vLLM's CPU int8 and bf16 kernels take AMX tiles when they exist)."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}" + (" AMX" if amx else "")
+
+
 def _torch_threads() -> int:
     import torch
 

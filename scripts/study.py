@@ -159,10 +159,6 @@ ROWS = [
     # each layer its own draw of the 128 block (rotate_down:per_layer, one transform scheme per layer)
     ("SmoothQuant a=0.8 + rotate_down block 128 per layer + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=false,per_layer=true",
      "both+gptq"),
-    # the same 128 block drawn with other seeds (its random signs): how much of a rotation's
-    # perplexity is the draw
-    *[(f"SmoothQuant a=0.8 + rotate_down block 128 seed {s} + GPTQ", f"smoothquant:alpha=0.8+rotate_down:deal=false,seed={s}",
-       "both+gptq") for s in (1, 2, 3)],
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 dealt + GPTQ + act clip auto",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=true", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",

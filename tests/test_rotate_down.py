@@ -376,6 +376,13 @@ def test_block_rotation_is_the_block_diagonal_hadamard_vllm_applies():
     torch.testing.assert_close(rot(x), x @ dense, rtol=0, atol=1e-12)
     w = torch.randn(7, 48, dtype=torch.float64)
     torch.testing.assert_close(rot.fold(w), w @ dense, rtol=0, atol=1e-12)
+    # the seed's signs come before the mixing (M = diag(s) H^T): two seeds differ by row signs, and
+    # an input rotated by them rounds differently (signs after the mixing would only flip outputs)
+    m2 = block_rotation(12, seed=6, dtype=torch.float32).matrix.double()
+    d = (m2 / m)[:, 0]
+    assert torch.equal(m2, d[:, None] * m) and not torch.equal(d, torch.ones(12, dtype=torch.float64))
+    v = torch.randn(64, 12, dtype=torch.float64)
+    assert not torch.allclose((v @ m).abs(), (v @ m2).abs())
     assert (_dividing_order(1536, 128), _dividing_order(2048, 128), _dividing_order(576, 128)) == (128, 128, 96)
     assert _dividing_order(1612, 128) == 4 and _dividing_order(40, 128) == 40
     with pytest.raises(OutlierqError, match="Hadamard order"):

@@ -27,11 +27,12 @@ order B on every B consecutive channels, the same block in every rotated Linear.
 compressed-tensors `transform_config` describes (a "random-hadamard" scheme with head_dim=B) and
 what vLLM applies when it loads the checkpoint: `outlierq.export` writes it, `outlierq.load` reads
 it back. vLLM keys the transform tensor by (scheme, size), so the Linears of one scheme share the
-block: one seed for the whole model, or with per_layer one draw and one scheme per decoder layer. B = the width gives a dense rotation. block=None: the
-full-width Kronecker rotation above (padded where needed); no format carries the padding or the
-two factors, so it is in memory only and `outlierq.export` refuses it with one line. transformers
-5 does not apply a transform_config: a rotated export is served by vLLM or loaded by
-`outlierq.load`, not by `AutoModelForCausalLM` (which would compute another function)."""
+block: one seed for the whole model, or with per_layer one draw and one scheme per decoder layer. B
+= the width gives a dense rotation. block=None: the full-width Kronecker rotation above (padded
+where needed); no format carries the padding or the two factors, so it is in memory only and
+`outlierq.export` refuses it with one line. transformers 5 does not apply a transform_config: a
+rotated export is served by vLLM or loaded by `outlierq.load`, not by `AutoModelForCausalLM` (which
+would compute another function)."""
 from __future__ import annotations
 
 import functools
@@ -146,9 +147,12 @@ class BlockRotation(nn.Module):
 
 
 def block_rotation(b: int, seed: int, dtype: torch.dtype, scheme: str | None = None) -> BlockRotation:
-    """The randomized Hadamard block of order b (its +-1 matrix, in `dtype`: exact)."""
+    """The randomized Hadamard block of order b, M = diag(s) H^T (its +-1 matrix, in `dtype`: exact).
+    The random signs come first, x -> (x * s) H^T: signs applied after the mixing (H diag(s), what
+    `rotation` returns) only flip output channels, which no symmetric quantizer sees, so every seed
+    would round alike (as every block did before 2026-12-07)."""
     r, _ = rotation(b, Rotate(seed=seed, kind="hadamard"))
-    return BlockRotation(torch.sign(r).to(dtype), scheme)
+    return BlockRotation(torch.sign(r).t().contiguous().to(dtype), scheme)
 
 
 class RotatedLinear(nn.Linear):

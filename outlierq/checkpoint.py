@@ -152,8 +152,7 @@ def _state_dict(model: nn.Module, expert_format: str = "pack-quantized",
     for name, t in model.state_dict().items():
         if name.endswith(".input_rotation.matrix") and mine(name):
             # rotate_down's block (one tensor shared in memory) under each Linear, as vLLM reads it
-            scheme = model.get_submodule(name.removesuffix(".matrix")).scheme
-            out[name.replace(".input_rotation.matrix", f".{scheme}_input.weight")] = t.detach().cpu().clone()
+            out[name.replace(".input_rotation.matrix", f".{_scheme(t.shape[0])}_input.weight")] = t.detach().cpu().clone()
         elif mine(name):
             out[name] = t.detach().cpu().contiguous()
     for name, m in model.named_modules():
@@ -314,29 +313,32 @@ def export_config(model: nn.Module, fmt: str, expert_format: str):
     return config
 
 
+def _scheme(block: int) -> str:
+    """The transform scheme of rotate_down's blocks of this order: tensors are stored as
+    <linear>.R4_<block>_input.weight (vLLM names a transform's module <scheme>_<location>)."""
+    return f"R4_{block}"
+
+
 def _transform_config(model: nn.Module, rotated: list[str]) -> dict[str, Any]:
-    """The compressed-tensors transform_config of rotate_down's block rotations: per block (its
-    `scheme`: R4_<order>, or R4_<order>_L<layer> with per_layer) one "random-hadamard" input
-    transform with head_dim = the order, over the Linears that use it; each Linear stores the
-    tensor as <linear>.<scheme>_input.weight (vLLM names a transform's module <scheme>_<location>).
-    vLLM shares one tensor per (scheme, size), so every Linear of one scheme must hold the same block."""
+    """The compressed-tensors transform_config of rotate_down's block rotations: per block order
+    one "random-hadamard" input transform with head_dim = the order, over the Linears that use it.
+    vLLM shares one tensor per (scheme, size), so every Linear of one order must hold the same block."""
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
-    by_scheme: dict[str, list[str]] = {}
+    by_order: dict[int, list[str]] = {}
     for n in rotated:
-        by_scheme.setdefault(model.get_submodule(n).input_rotation.scheme, []).append(n)
+        by_order.setdefault(model.get_submodule(n).input_rotation.matrix.shape[0], []).append(n)
     everyone = {n: "" for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
     groups = {}
-    for scheme, names in sorted(by_scheme.items()):
+    for b, names in sorted(by_order.items()):
         blocks = [model.get_submodule(n).input_rotation.matrix for n in names]
-        b = blocks[0].shape[0]
         if any(not torch.equal(x, blocks[0]) for x in blocks[1:]):
-            raise OutlierqError(f"rotate_down's block {scheme} differs between Linears; vLLM applies one block per "
-                                "scheme: rotate with one rotate_down step")
+            raise OutlierqError(f"rotate_down's {b}-block differs between Linears; vLLM applies one block per "
+                                "order: rotate with one rotate_down step")
         # targets anchored at the decoder-layer list, not the model's root: vLLM renames the root of
         # some families (Gemma-3's language_model) and maps quantization targets, not transform ones
         targets = [f"re:.*{t[t.index('layers'):]}" if "layers" in t else t for t in _targets(names, everyone)]
-        groups[scheme] = TransformScheme(type="random-hadamard", head_dim=b, apply=[
+        groups[_scheme(b)] = TransformScheme(type="random-hadamard", head_dim=b, apply=[
             TransformArgs(targets=targets, location="input")])
     return TransformConfig(config_groups=groups).model_dump(mode="json")
 
@@ -536,7 +538,7 @@ def _load_rotations(model: nn.Module, qc: dict, sd: dict) -> None:
                     raise OutlierqError(f"checkpoint has no {b} x {b} {key} for its {m.in_features}-wide input, "
                                         f"which its transform {name!r} needs")
                 sd[f"{mod_name}.input_rotation.matrix"] = sd.pop(key)  # (loaded with the rest)
-                m.input_rotation = BlockRotation(torch.empty_like(sd[f"{mod_name}.input_rotation.matrix"]), name)
+                m.input_rotation = BlockRotation(torch.empty_like(sd[f"{mod_name}.input_rotation.matrix"]))
 
 
 def fused_experts(spec, pre: str, n: int, get) -> tuple[torch.Tensor, torch.Tensor]:

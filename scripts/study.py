@@ -156,9 +156,6 @@ ROWS = [
      "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down dense + GPTQ", "smoothquant:alpha=0.8+rotate_down:block=4096,deal=false",
      "both+gptq"),
-    # each layer its own draw of the 128 block (rotate_down:per_layer, one transform scheme per layer)
-    ("SmoothQuant a=0.8 + rotate_down block 128 per layer + GPTQ", "smoothquant:alpha=0.8+rotate_down:deal=false,per_layer=true",
-     "both+gptq"),
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 dealt + GPTQ + act clip auto",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=true", W8A8(act="tensor", gptq=True, act_clip=True)),
     ("SmoothQuant a=0.8 + rotate_down all inputs dense + GPTQ + act clip auto + range tune",

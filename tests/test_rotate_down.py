@@ -376,13 +376,6 @@ def test_block_rotation_is_the_block_diagonal_hadamard_vllm_applies():
     torch.testing.assert_close(rot(x), x @ dense, rtol=0, atol=1e-12)
     w = torch.randn(7, 48, dtype=torch.float64)
     torch.testing.assert_close(rot.fold(w), w @ dense, rtol=0, atol=1e-12)
-    # the seed's signs come before the mixing (M = diag(s) H^T): two seeds differ by row signs, and
-    # an input rotated by them rounds differently (signs after the mixing would only flip outputs)
-    m2 = block_rotation(12, seed=6, dtype=torch.float32).matrix.double()
-    d = (m2 / m)[:, 0]
-    assert torch.equal(m2, d[:, None] * m) and not torch.equal(d, torch.ones(12, dtype=torch.float64))
-    v = torch.randn(64, 12, dtype=torch.float64)
-    assert not torch.allclose((v @ m).abs(), (v @ m2).abs())
     assert (_dividing_order(1536, 128), _dividing_order(2048, 128), _dividing_order(576, 128)) == (128, 128, 96)
     assert _dividing_order(1612, 128) == 4 and _dividing_order(40, 128) == 40
     with pytest.raises(OutlierqError, match="Hadamard order"):
@@ -427,7 +420,7 @@ def test_deal_order_puts_the_largest_channels_and_split_parts_in_different_block
     for b in range(6):
         vals = absmax[order[16 * b:16 * (b + 1)]]
         assert torch.equal(vals, vals.sort(descending=True).values)
-    with pytest.raises(OutlierqError, match="need block=B"):
+    with pytest.raises(OutlierqError, match="needs block=B"):
         RotateDown(block=None, deal=True)
 
 
@@ -502,46 +495,6 @@ def test_block_rotation_exports_as_a_transform_and_reloads_bit_identically(tmp_p
         f = copy.deepcopy(model)
         compress(f, None, "rotate_down:block=32", None, windows, progress=False)
         export(f, tmp_path / "fp", fmt="fp")
-
-
-def test_per_layer_blocks_keep_the_function_and_export_one_scheme_per_layer(tmp_path):
-    import json
-
-    from safetensors.torch import load_file
-
-    from outlierq.checkpoint import load
-    from outlierq.quant import matches
-
-    model = tiny_model("LlamaForCausalLM", outliers=True, intermediate_size=128, num_hidden_layers=3)
-    windows, x = token_batch(8, 24, seed=3), token_batch(2, 24)
-    ref = model(input_ids=x).logits
-    f = copy.deepcopy(model)
-    compress(f, None, "rotate_down:block=32,per_layer=true", None, windows, progress=False)
-    assert _rel(f(input_ids=x).logits, ref) < 1e-5
-    rots = [layer.mlp.down_proj.input_rotation for layer in decoder_layers(f)]
-    # each layer its own draw: layer 0 is seed 0's block (the shared one), the others differ
-    shared = copy.deepcopy(model)
-    compress(shared, None, "rotate_down:block=32", None, windows, progress=False)
-    assert torch.equal(rots[0].matrix, decoder_layers(shared)[0].mlp.down_proj.input_rotation.matrix)
-    assert not torch.equal(rots[1].matrix, rots[0].matrix) and not torch.equal(rots[2].matrix, rots[1].matrix)
-    assert [r.scheme for r in rots] == ["R4_32_L0", "R4_32_L1", "R4_32_L2"]
-    q = copy.deepcopy(model)
-    compress(q, None, "smoothquant:alpha=0.5+rotate_down:block=32,per_layer=true", W8A8(), windows, progress=False)
-    export(q, tmp_path / "ckpt", char_tokenizer())
-    tc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["transform_config"]
-    assert sorted(tc["config_groups"]) == ["R4_32_L0", "R4_32_L1", "R4_32_L2"]
-    sd = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    for i in range(3):  # each scheme targets its own layer's down_proj only, and stores that layer's block
-        (args,) = tc["config_groups"][f"R4_32_L{i}"]["apply"]
-        assert [j for j in range(3) if matches(f"model.layers.{j}.mlp.down_proj", args["targets"])] == [i]
-        assert torch.equal(sd[f"model.layers.{i}.mlp.down_proj.R4_32_L{i}_input.weight"],
-                           decoder_layers(q)[i].mlp.down_proj.input_rotation.matrix)
-    r, _ = load(tmp_path / "ckpt")
-    assert torch.equal(r(input_ids=x).logits, q(input_ids=x).logits)
-    export(r, tmp_path / "again", char_tokenizer())  # the reloaded model exports the same schemes
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["transform_config"] == tc
-    with pytest.raises(OutlierqError, match="need block=B"):
-        RotateDown(block=None, per_layer=True)
 
 
 def test_a_transform_outlierq_does_not_apply_is_refused():

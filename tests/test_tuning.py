@@ -3,6 +3,7 @@ step says what it needs before any work, and what a step chose lands in one plac
 CompressResult.record and in the export's outlierq.json, from the CLI and from Python."""
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -97,3 +98,86 @@ def test_layer_by_layer_records_add_up_to_the_in_memory_one(src, tmp_path):
     for i in range(2):
         quantize_(layered, scheme, stats, progress=False, only=[i])
     assert layered.outlierq_tuning == whole and len(whole["act_clip"]) == 2
+
+
+def test_keep_float_leaves_float_the_linear_a_brute_force_finds_costs_most():
+    """Against a brute force that quantizes the model once per Linear with that Linear skipped and
+    scores the full KL from the float model at the same positions: keep_float picks the same
+    Linear, and the model it leaves computes the same logits as that skip-one model."""
+    from conftest import tiny_model, token_batch
+    from outlierq import calibrate
+    from outlierq.evaluate import log_probs_
+    from outlierq.quant import Int8Linear
+    from outlierq.quant.tuning import KEEP_FLOAT_STRIDE
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    wins = token_batch(4, 32, seed=3)
+    stats = calibrate(model, wins, progress=False)
+    m = copy.deepcopy(model)
+    quantize_(m, W8A8(keep_float=1, keep_float_windows=2), stats, progress=False, tune_windows=wins)
+    rec = m.outlierq_tuning["keep_float"]
+    pos = torch.arange(0, 32, KEEP_FLOAT_STRIDE)
+    with torch.no_grad():
+        ref = [log_probs_(model(input_ids=w[None]).logits[0, pos]) for w in wins[:2]]
+
+        def kl(q):
+            return sum(float((r.exp() * (r - log_probs_(q(input_ids=w[None]).logits[0, pos]))).sum())
+                       for w, r in zip(wins[:2], ref)) / (2 * len(pos))
+
+        names = [n for n, x in m.named_modules() if isinstance(x, Int8Linear)] + rec["linears"]
+        brute = {}
+        for n in names:
+            q = copy.deepcopy(model)
+            quantize_(q, W8A8(skip=("lm_head", n)), stats, progress=False)
+            brute[n] = (kl(q), q)
+        best = min(brute, key=lambda n: brute[n][0])
+        assert rec["linears"] == [best]
+        assert type(m.get_submodule(best)) is torch.nn.Linear
+        torch.testing.assert_close(rec["kl"][1], brute[best][0], rtol=1e-4, atol=1e-7)
+        assert rec["kl"][1] < rec["kl"][0]
+        x = token_batch(2, 24)
+        assert torch.equal(m(input_ids=x).logits, brute[best][1](input_ids=x).logits)
+
+
+def test_keep_float_folds_a_block_rotation_back_into_the_float_weight(tmp_path):
+    """A kept rotated down_proj becomes a plain Linear computing the same function (no transform
+    to export for it), and the export lists it in ignore and reloads with the same logits."""
+    from conftest import tiny_model, token_batch
+    from outlierq import export
+    from outlierq.mitigate.rotate_down import rotated_linears
+
+    model = tiny_model("LlamaForCausalLM", outliers=True)
+    wins = token_batch(8, 24, seed=3)
+    plain, kept = copy.deepcopy(model), copy.deepcopy(model)
+    recipe = "split:ratio=4,multiple=32+smoothquant:alpha=0.5+rotate_down"
+    compress(plain, None, recipe, None, wins, progress=False)  # the mitigated float model
+    res = compress(kept, None, recipe, W8A8(keep_float=1, keep_float_kinds=("down_proj",), keep_float_windows=2),
+                   wins, progress=False)
+    name = res.record["keep_float"]["linears"][0]
+    lin = kept.get_submodule(name)
+    assert name.endswith("down_proj") and type(lin) is torch.nn.Linear and name not in rotated_linears(kept)
+    x = torch.randn(2, 5, lin.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), plain.get_submodule(name)(x), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(kept, tmp_path / "ckpt", fmt="compressed-tensors")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert name in cfg["ignore"]
+    targets = [t for g in cfg["transform_config"]["config_groups"].values() for a in g["apply"] for t in a["targets"]]
+    assert not any(re.fullmatch(t[3:], name) for t in targets)
+    back, _ = load_model(str(tmp_path / "ckpt"))
+    y = token_batch(2, 24)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=y).logits, kept(input_ids=y).logits)
+    assert json.loads((tmp_path / "ckpt" / "outlierq.json").read_text())["keep_float"]["linears"] == [name]
+
+
+def test_keep_float_on_the_cli():
+    from conftest import tiny_model
+
+    assert parse_tune("keep_float:n=3,kinds=down_proj|o_proj,windows=4") == {
+        **parse_tune("none"), "keep_float": 3, "keep_float_kinds": ("down_proj", "o_proj"), "keep_float_windows": 4}
+    with pytest.raises(OutlierqError, match="keep_float kinds: 'mlp'"):
+        quantize_(tiny_model("LlamaForCausalLM"), W8A8(keep_float=1, keep_float_kinds=("mlp",)), None, progress=False,
+                  tune_windows=torch.randint(3, 100, (2, 16)))

@@ -127,10 +127,12 @@ class BlockRotation(nn.Module):
         r = self.matrix.to(dt).div(math.sqrt(b))
         return (x.to(dt).unflatten(-1, (-1, b)) @ r).flatten(-2).to(x.dtype)
 
-    def fold(self, w: torch.Tensor) -> torch.Tensor:
-        """W -> W R for a weight [out, in] (float64, block by block: R itself is never built)."""
+    def fold(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """W -> W R (or W R^T, which undoes a fold) for a weight [out, in] (float64, block by
+        block: R itself is never built)."""
         b = self.matrix.shape[0]
-        return (w.double().unflatten(-1, (-1, b)) @ (self.matrix.double() / math.sqrt(b))).flatten(-2)
+        m = self.matrix.double() / math.sqrt(b)
+        return (w.double().unflatten(-1, (-1, b)) @ (m.T if transpose else m)).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"block {self.matrix.shape[0]}"

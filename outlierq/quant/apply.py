@@ -61,8 +61,10 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         prepare(model)
     tune = isinstance(config, W8A8) and config.range_tune > 0
     check_needs(config, stats, tune_windows, layer_by_layer=only is not None)
+    keep = isinstance(config, W8A8) and config.keep_float > 0
     needed = max(config.range_tune, config.quiet_tune) if tune else 0
-    if tune and needed > len(tune_windows):
+    needed = max(needed, config.keep_float_windows if keep else 0)
+    if needed and needed > len(tune_windows):
         raise OutlierqError(f"W8A8 tunes on {needed} calibration windows, but {len(tune_windows)} were given: "
                             "calibrate on more (--samples) or tune on fewer")
     spec = get_arch(model)
@@ -117,6 +119,18 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
     tuned: dict[str, Any] = {}  # what each tuning step chose (TUNING), for every record
     if clipped:
         row = ACT_CLIP_OBJECTIVES.index(act_clip_objective(config, spec))
+    originals: dict[str, nn.Module] = {}  # keep_float's candidates: the float Linears replaced
+    if keep:
+        kinds = config.keep_float_kinds
+        stray = [k for k in kinds if not any(n.rsplit(".", 1)[-1] == k for n, _ in targets)]
+        if stray:
+            raise OutlierqError(f"keep_float kinds: {stray[0]!r} is not the kind of any quantized Linear")
+        originals = {n: lin for n, lin in targets if not kinds or n.rsplit(".", 1)[-1] in kinds}
+        # (each position's top tokens, as quiet_tune: a full vocabulary's log-probabilities per
+        # window would take gigabytes on Gemma-3's 262k tokens)
+        keep_windows = tune_windows[:config.keep_float_windows]
+        keep_at = torch.arange(0, keep_windows.shape[1], tuning.KEEP_FLOAT_STRIDE)
+        keep_ref = [top_log_probs(_logits(model, w, keep_at), tuning.QUIET_TOPK) for w in keep_windows]
     if tune:  # the float model's answer on the tuning windows, before any Linear is replaced
         calib_windows, tune_windows = tune_windows, tune_windows[:config.range_tune]
         ref = [_log_probs(model, w) for w in tune_windows]
@@ -165,6 +179,9 @@ def quantize_(model: nn.Module, config: W8A8 | LLMInt8, stats: ActivationStats |
         if config.quiet_tokens:
             tuned["quiet_tokens"] = key_quiet_tokens(model, calib_windows, quiet_windows, quiet_ref,
                                                      config.quiet_tokens, progress=progress)
+    if keep:  # last: it weighs each Linear's int8 error with every other step's choice in place
+        tuned["keep_float"] = tuning.keep_float(model, originals, config.keep_float, keep_windows, keep_ref,
+                                                keep_at, progress=progress)
     # layer by layer, quantize_ runs once per layer: the records add up
     model.outlierq_tuning = _merged(getattr(model, "outlierq_tuning", {}) if only is not None else {}, tuned)
     # the scheme, for every record (the export's outlierq.json, CompressResult.record), whoever

@@ -55,9 +55,14 @@ class W8A8:
     # a second static range for these kinds' quiet token ids (in memory only: keyed by token id)
     quiet_tokens: tuple[str, ...] = ()
     quiet_tune: int = 0              # tune the quiet range on N windows instead of range_tune's
+    # leave float the N Linears (of these kinds; () every kind) whose int8 error costs most KL,
+    # scored one by one on keep_float_windows calibration windows; exported in `ignore`
+    keep_float: int = 0
+    keep_float_kinds: tuple[str, ...] = ()
+    keep_float_windows: int = 2
 
     def __post_init__(self):
-        for field in ("skip", "token_for"):  # a bare string would be read letter by letter
+        for field in ("skip", "token_for", "keep_float_kinds"):  # a bare string would be read letter by letter
             if isinstance(getattr(self, field), str):
                 raise OutlierqError(f"W8A8({field}=...) takes a tuple of target patterns, got the string "
                                     f"{getattr(self, field)!r}: write ({getattr(self, field)!r},)")
@@ -85,6 +90,9 @@ class W8A8:
             raise OutlierqError("W8A8(quiet_tune=N) tunes the quiet tokens' range: set quiet_tokens=(kinds) too")
         if self.quiet_tune < 0:
             raise OutlierqError(f"quiet_tune must be >= 0 windows, got {self.quiet_tune}")
+        if self.keep_float < 0 or self.keep_float_windows < 1:
+            raise OutlierqError(f"keep_float must be >= 0 Linears on >= 1 windows, got {self.keep_float} on "
+                                f"{self.keep_float_windows}")
         if self.act_clip_objective not in ("auto",) + ACT_CLIP_OBJECTIVES:
             raise OutlierqError(f"act_clip_objective must be auto, token or value, got {self.act_clip_objective!r}")
 

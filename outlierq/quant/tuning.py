@@ -44,9 +44,16 @@ RANGE_TUNE_GRID = (0.55, 0.7, 0.85, 1.0, 1.15, 1.3)
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, window: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits of `window` [L], at `positions` only if given (transformers' logits_to_keep:
+    the output head, the largest Linear of a big-vocabulary model, runs on those rows alone)."""
     device = next(model.parameters()).device
-    return model(input_ids=window[None].to(device), use_cache=False).logits[0]
+    if positions is None:
+        return model(input_ids=window[None].to(device), use_cache=False).logits[0]
+    try:
+        return model(input_ids=window[None].to(device), use_cache=False, logits_to_keep=positions.to(device)).logits[0]
+    except TypeError:  # (a model class without logits_to_keep)
+        return model(input_ids=window[None].to(device), use_cache=False).logits[0, positions.to(device)]
 
 
 def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -54,11 +61,13 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list) -> float:
-    """Mean KL per token of the model's next-token distribution from `ref` on `windows`: each
-    reference full log-probabilities (`kl_sum`) or a `top_log_probs` tuple (`coarse_kl_sum`)."""
-    return sum((coarse_kl_sum if isinstance(r, tuple) else kl_sum)(_logits(model, w), r)
-               for w, r in zip(windows, ref)) / windows.numel()
+def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list, positions: torch.Tensor | None = None) -> float:
+    """Mean KL per token of the model's next-token distribution from `ref` on `windows` (at
+    `positions` of each, if given): each reference full log-probabilities (`kl_sum`) or a
+    `top_log_probs` tuple (`coarse_kl_sum`)."""
+    n = windows.numel() if positions is None else len(windows) * len(positions)
+    return sum((coarse_kl_sum if isinstance(r, tuple) else kl_sum)(_logits(model, w, positions), r)
+               for w, r in zip(windows, ref)) / n
 
 
 @torch.no_grad()
@@ -124,6 +133,8 @@ QUIET_LEVEL, QUIET_SHARE, QUIET_MIN_ROWS = 1 / 16, 0.1, 8
 QUIET_GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 # W8A8.quiet_tune's reference: each position's top tokens kept (`top_log_probs`)
 QUIET_TOPK = 256
+# keep_float scores every KEEP_FLOAT_STRIDE-th position of its windows
+KEEP_FLOAT_STRIDE = 4
 
 
 @torch.no_grad()
@@ -214,6 +225,45 @@ def key_quiet_tokens(model: nn.Module, windows: torch.Tensor, tune_windows: torc
     return {"factors": factors, "ids": ids, "quiet_in": quiet_in, "kl": tried}
 
 
+@torch.no_grad()
+def keep_float(model: nn.Module, originals: dict[str, nn.Module], n: int, windows: torch.Tensor, ref: list,
+               positions: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Put back to float the `n` quantized Linears whose int8 error costs the model most: each
+    Linear of `originals` (name -> the float Linear it replaced) in turn is swapped back, the mean KL
+    from `ref` (the float model's `top_log_probs` on `windows`) scored, and swapped out again; the
+    `n` of largest KL drop stay float (plain Linears: a block rotation is folded back into the
+    weight, so a checkpoint lists them in `ignore` with no transform). Returns {"linears": [names],
+    "kl_drop": {name: drop}, "kl": [before, after]}.
+
+    Why one pass, each Linear alone: (Linears) passes, not (Linears x n); the drops of two Linears
+    need not add up (their errors interact), which the record's kl after shows. `positions`: the
+    rows of each window scored (every position's hidden state is still computed; the head runs
+    on these alone: on Gemma-3's 262k-token vocabulary it costs more than the decoder layers)."""
+    from ..mitigate.rotate_down import BlockRotation
+    from ..mitigate.surgery import set_module
+
+    before = _mean_kl(model, windows, ref, positions)
+    drop = {}
+    for name, lin in tqdm(originals.items(), desc="keep float", unit="linear", disable=not progress):
+        q = model.get_submodule(name)
+        set_module(model, name, lin)
+        drop[name] = before - _mean_kl(model, windows, ref, positions)
+        set_module(model, name, q)
+    kept = sorted(drop, key=lambda k: -drop[k])[:n]
+    for name in kept:
+        lin = originals[name]
+        rot = getattr(lin, "input_rotation", None)
+        if isinstance(rot, BlockRotation):  # x R W^T = x (W R^T)^T
+            plain = nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                              device=lin.weight.device, dtype=lin.weight.dtype)
+            plain.weight.copy_(rot.fold(lin.weight, transpose=True))
+            if lin.bias is not None:
+                plain.bias.copy_(lin.bias)
+            lin = plain
+        set_module(model, name, lin)
+    return {"linears": kept, "kl_drop": {k: drop[k] for k in kept}, "kl": [before, _mean_kl(model, windows, ref, positions)]}
+
+
 # --- the registry: what each step needs, and where it can run -----------------------------------
 
 NEEDS = {"rows": "kept calibration rows (calibrate with keep_rows > 0)",
@@ -262,6 +312,12 @@ TUNING: dict[str, TuningStep] = {s.name: s for s in (
                needs=("windows",), exported=False, layer_by_layer=False,
                help="a second static range for token ids far below the range (kinds=down_proj|...), tuned "
                     "on range_tune's windows or `windows`; in memory only"),
+    TuningStep("keep_float", {"keep_float": 2}, {"keep_float": 0, "keep_float_kinds": (), "keep_float_windows": 2},
+               lambda s: s.keep_float > 0,
+               options={"n": "keep_float", "kinds": "keep_float_kinds", "windows": "keep_float_windows"},
+               needs=("windows",), layer_by_layer=False,
+               help="leave float the n Linears (2; of kinds=down_proj|...) whose int8 error costs most KL, "
+                    "each scored alone on `windows` calibration windows (2); a checkpoint lists them in ignore"),
 )}
 
 

@@ -37,16 +37,21 @@ def tiny(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("act,recipe", [("token", "auto"), ("tensor", "auto"),
-                                        ("token", "smoothquant:alpha=0.5+rotate_down:block=64"),
-                                        ("tensor", "smoothquant:alpha=0.5+rotate_down:block=64,inputs=all")])
-def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe):
+# (the third: one rotated down_proj left float by keep_float, in `ignore` beside the other's transform)
+@pytest.mark.parametrize("act,recipe,tune", [("token", "auto", "auto"), ("tensor", "auto", "auto"),
+                                             ("token", "smoothquant:alpha=0.5+rotate_down:block=64",
+                                              "gptq+keep_float:n=1,kinds=down_proj"),
+                                             ("tensor", "smoothquant:alpha=0.5+rotate_down:block=64,inputs=all", "auto")])
+def test_export_served_by_vllm_scores_as_outlierq(tiny, act, recipe, tune):
     out = tiny / f"{act}-{recipe.count('rotate_down')}-{recipe.count('all')}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scheme = {"token": "W8A8", "tensor": "W8A8_STATIC"}[act]
         assert main(["quantize", "--model", str(tiny / "fp"), "--scheme", scheme, "--samples", "8", "--seqlen", "64",
-                     "--recipe", recipe, "--out", str(out)]) == 0
+                     "--recipe", recipe, "--tune", tune, "--out", str(out)]) == 0
+    if "keep_float" in tune:
+        kept = json.loads((out / "outlierq.json").read_text())["keep_float"]["linears"]
+        assert kept[0] in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     windows = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
     row, served = serving.check(out, f"tiny-{act}", act, windows, "tiny-llama")
     assert abs(row.rel_diff) < 0.003, (row.vllm_ppl, row.outlierq_ppl)

@@ -1,6 +1,6 @@
 """Tuning steps on top of plain rounding: the static-range clip of rotated inputs (act_clip), the
-end-to-end range tune by kind (range_tune), and a second static range for quiet tokens
-(quiet_tokens, in memory only)."""
+end-to-end range tune by kind (range_tune), a second static range for quiet tokens (quiet_tokens,
+in memory only), and the Linears left float where int8 costs most (keep_float)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from ..calibration import value_bin_centres
 from ..errors import OutlierqError
 from ..evaluate import coarse_kl_sum, kl_sum, log_probs_
+from ..mitigate.rotate_down import BlockRotation
+from ..mitigate.surgery import set_module
 from ..models.arch import ArchSpec
 from .modules import Int8Linear, TokenKeys
 from .scheme import ACT_CLIP_GRID, W8A8
@@ -239,9 +241,6 @@ def keep_float(model: nn.Module, originals: dict[str, nn.Module], n: int, window
     need not add up (their errors interact), which the record's kl after shows. `positions`: the
     rows of each window scored (every position's hidden state is still computed; the head runs
     on these alone: on Gemma-3's 262k-token vocabulary it costs more than the decoder layers)."""
-    from ..mitigate.rotate_down import BlockRotation
-    from ..mitigate.surgery import set_module
-
     before = _mean_kl(model, windows, ref, positions)
     drop = {}
     for name, lin in tqdm(originals.items(), desc="keep float", unit="linear", disable=not progress):

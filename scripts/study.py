@@ -185,6 +185,16 @@ ROWS = [
     ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto + keep float 2",
      "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
      W8A8(act="tensor", gptq=True, act_clip=True, keep_float=2)),
+    # Gemma-3 per-token, servable levers not yet tried with rotate_down: the block rotation on every
+    # Linear input (the static default's), the offline head rotation (R2) first; and the floor,
+    # the default mitigation with float activations (what GPTQ's int8 weights alone cost)
+    ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ",
+     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false", W8A8(act="token", gptq=True)),
+    ("rotate_down all inputs block 128 + GPTQ", "rotate_down:inputs=all,deal=false", W8A8(act="token", gptq=True)),
+    ("Rotate heads + SmoothQuant a=0.8 + rotate_down block 128 + GPTQ",
+     "rotate_heads+smoothquant:alpha=0.8+rotate_down:deal=false", W8A8(act="token", gptq=True)),
+    ("SmoothQuant a=0.8 + rotate_down block 128 + GPTQ, weights only",
+     "smoothquant:alpha=0.8+rotate_down:deal=false", W8A8(act="none", gptq=True)),
     # FP8 (E4M3) weights and activations: what each mitigation buys there (issue 30); the
     # SmoothQuant search scores for FP8 (the scheme's format)
     ("FP8 naive", "", "fp8"),

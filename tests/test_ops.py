@@ -159,6 +159,58 @@ def test_native_static_inverse_is_the_twins_float32_reciprocal():
                                ops.torch_ops.quantize_per_tensor(x * v * 50, scale)), (v, dt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 5), (700, 2053)])  # one part, and several
+def test_native_fp8_is_the_twin_bit_for_bit(dtype, shape):
+    """native.quantize_fp8's float32 codes are the twin's float8 codes' values, and its scales the
+    twin's, per token and static, over eleven decades of magnitude, a zero row, a saturating
+    static scale, NaN, and rows read through a stride."""
+    _require_native()
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(shape[0], shape[1] + 5, generator=g) * torch.logspace(-7, 4, shape[1] + 5)
+    wide[0] = 0
+    wide[-1, 3] = float("nan")
+    x = wide.to(dtype)[:, 2: 2 + shape[1]]
+    for scale in (None, torch.tensor([0.37]), torch.tensor(1e-3, dtype=torch.bfloat16)):
+        q, s = native.quantize_fp8(x, scale)
+        ref_q, ref_s = ops.torch_ops.quantize_fp8(x.contiguous(), scale)
+        assert q.dtype == torch.float32 and ref_q.dtype == torch.float8_e4m3fn
+        assert torch.equal(s.nan_to_num(7.0), ref_s.nan_to_num(7.0))
+        assert torch.equal(q.nan_to_num(7.0), ref_q.float().nan_to_num(7.0)), scale
+
+
+def test_native_fp8_rounding_sweeps_the_float32_bit_patterns():
+    """Every 1201st float32 bit pattern of both signs (normals, subnormals, E4M3's subnormal
+    range, saturation, infinities, NaNs) and every tie between two E4M3 values rounds as torch's cast to float8_e4m3fn after
+    the twin's clamp: the bit-level rounding of cpu_kernels.c's e4m3() has no other reference."""
+    _require_native()
+    bits = torch.arange(0, 2 ** 31, 1201, dtype=torch.int64).to(torch.int32)
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mid = (grid[1:] + grid[:-1]) / 2  # every tie (exact in float32), and its neighbours
+    ties = torch.cat([mid, mid.nextafter(torch.tensor(float("inf"))), mid.nextafter(torch.tensor(-float("inf")))])
+    r = torch.cat([bits.view(torch.float32), -bits.view(torch.float32), ties])
+    r = torch.cat([r, torch.zeros(-r.numel() % 1024)]).reshape(-1, 1024)
+    q, _ = native.quantize_fp8(r, torch.tensor(1.0))
+    ref, _ = ops.torch_ops.quantize_fp8(r, torch.tensor(1.0))
+    assert torch.equal(q.nan_to_num(7.0), ref.float().nan_to_num(7.0))
+    assert q.isnan().sum() == r.isnan().sum() > 0
+
+
+def test_fp8_dispatch_gives_float32_codes_only_to_the_fp32_gemm(monkeypatch):
+    """auto: the native kernel's float32 codes where FP8 GEMMs multiply fp32 codes, the twin's
+    float8 codes where torch._scaled_mm takes them; the same values either way."""
+    _require_native()
+    from outlierq.ops import gemm
+    x = torch.randn(9, 40)
+    for path, dtype in (("fp32", torch.float32), ("scaled_mm", torch.float8_e4m3fn)):
+        monkeypatch.setattr(gemm, "fp8_gemm_path", lambda p=path: p)
+        monkeypatch.setattr(ops, "fp8_gemm_path", lambda p=path: p)
+        q, s = ops.quantize_fp8(x)
+        assert q.dtype == dtype
+        assert torch.equal(q.float(), ops.torch_ops.quantize_fp8(x)[0].float())
+
+
 def test_int8_matmul_is_exact_int32():
     g = torch.Generator().manual_seed(2)
     a = torch.randint(-127, 128, (33, 70), generator=g, dtype=torch.int8)

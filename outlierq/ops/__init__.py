@@ -13,7 +13,7 @@ import torch
 
 from ..errors import OutlierqError
 from . import native, torch_ops
-from .gemm import gemm_operand
+from .gemm import fp8_gemm_path, gemm_operand
 
 BACKENDS = ("auto", "torch", "native", "triton")
 
@@ -102,6 +102,20 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tens
     return torch_ops.quantize_per_tensor(x2, scale, smooth)
 
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (FP8 E4M3 codes [M, K], f32 scales [M]): per token (scale None) or with the
+    static `scale`. The codes are float8, or their exact float32 values where the native kernel
+    ran: it runs only where FP8 GEMMs multiply the codes as fp32 (gemm.fp8_gemm_path)."""
+    x2 = _as_2d(x)
+    if scale is None and _use_triton(x2, backend):
+        from ..kernels.quant_per_token import quantize_per_token_fp8 as k
+        return k(x2)
+    if _use_native(x2, backend) and (backend == "native" or fp8_gemm_path() == "fp32"):
+        return native.quantize_fp8(x2, scale)
+    return torch_ops.quantize_fp8(x2, scale)
+
+
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor,
                 backend: str = "auto") -> torch.Tensor:
     """int8 [M, K] @ int8 [K, N] -> fp32 [M, N] * x_scale[M, 1] * w_scale[N] (see torch_ops).
@@ -115,5 +129,5 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq_t: torch.Tensor, w_s
     return torch_ops.int8_matmul(xq, x_scale, wq_t, w_scale)
 
 
-__all__ = ["BACKENDS", "ChannelStats", "channel_stats", "gemm_operand", "int8_matmul", "quantize_per_tensor",
+__all__ = ["BACKENDS", "ChannelStats", "channel_stats", "gemm_operand", "int8_matmul", "quantize_fp8", "quantize_per_tensor",
            "quantize_per_token", "triton_available"]

@@ -221,3 +221,38 @@ void quant_tensor_rows(const void *x, int dtype, int64_t stride, int64_t r0, int
         }
     }
 }
+
+/* x (already divided by its scale) to the nearest FP8 E4M3 value, as a float32: saturate to
+   +-448, then round half to even to 3 mantissa bits where E4M3 is normal (|x| >= 2^-6) and to
+   steps of 2^-9 below (its subnormals) -- what torch's float32 -> float8_e4m3fn conversion gives
+   after the twin's clamp, for every float32 (tests/test_ops.py sweeps the bit patterns). NaN
+   stays NaN (the comparisons let it through; the bit rounding would carry some payloads into
+   infinity or zero, hence the explicit test). Returned as float32 because the fp32 GEMM path
+   multiplies these values: no conversion to float8 and back. */
+static inline float e4m3(float v) {
+    v = v > 448.0f ? 448.0f : v;
+    v = v < -448.0f ? -448.0f : v;
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    if ((b & 0x7fffffffu) < 0x3c800000u) return rintf(v * 512.0f) * (1.0f / 512.0f);
+    if (v != v) return v;
+    return bits_float((b + 0x7ffffu + ((b >> 20) & 1u)) & 0xfff00000u);
+}
+
+/* FP8 E4M3 codes (as float32 values) of rows [r0, r1): per token (dynamic), scale =
+   max(absmax / 448, 1e-12) and codes = e4m3(x / scale), the twin's operations; static, codes =
+   e4m3(x / scale) with the one given scale. */
+void fp8_rows(const void *x, int dtype, int64_t stride, int64_t r0, int64_t r1, int64_t n, int dynamic,
+              float scale, float *q, float *scales, float *buf) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *a = scaled_row(x, dtype, r * stride, n, 0, buf);
+        float s = scale;
+        if (dynamic) {
+            s = row_absmax(a, n) / 448.0f;
+            s = s < 1e-12f ? 1e-12f : s;  /* (NaN stays NaN, as torch's clamp_) */
+        }
+        scales[r] = s;
+        float *qr = q + r * n;
+        for (int64_t j = 0; j < n; j++) qr[j] = e4m3(a[j] / s);
+    }
+}

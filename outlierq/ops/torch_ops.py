@@ -88,6 +88,17 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
     return q, scales, col
 
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 codes of x [M, K] and their row scales [M]: per token (scale None), scale =
+    max(absmax / 448, 1e-12); static, the one `scale`. codes = E4M3(clamp(x / scale, +-448))."""
+    xf = x.float()
+    if scale is None:
+        s = (xf.abs().amax(1) / 448.0).clamp_(min=_EPS)
+    else:
+        s = scale.float().reshape(-1)[:1].expand(x.shape[0])
+    return (xf / s[:, None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), s
+
+
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None):
     """Static per-tensor int8: codes = round(x / smooth * (1/scale)) clamped to [-127, 127]."""
     m, k = x.shape

@@ -141,7 +141,7 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if act == "none":
         return F.linear(x2.float(), deq())
     if fmt is FP8:
-        q, s = fp8_activations(x2, act, input_scale)
+        q, s = fp8_activations(x2, act, input_scale, backend)
         if fake:
             return (q.float() * s[:, None]) @ deq().t()
         return fp8_matmul(q, s, fp8_operand(weight) if wt is None else wt, weight_scale)
@@ -155,19 +155,12 @@ def w8a8_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return ops.int8_matmul(q, s, ops.gemm_operand(weight.t()) if wt is None else wt, weight_scale)
 
 
-def fp8_activations(x2: torch.Tensor, act: str, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 E4M3 codes of x2 [M, K] and their row scales [M]: per token, scale = absmax/448 (dynamic);
-    per tensor, the static input_scale. On CUDA per token runs kernels/quant_per_token.py's FP8
-    kernel (same codes, tests/kernels); elsewhere these torch ops (no native CPU kernel yet)."""
-    if act == "token" and x2.is_cuda and x2.stride(-1) == 1:  # the Triton kernel: one read per row
-        from ..kernels.quant_per_token import quantize_per_token_fp8
-        return quantize_per_token_fp8(x2)
-    xf = x2.float()
-    if act == "token":
-        s = (xf.abs().amax(1) / FP8.qmax).clamp_(min=1e-12)
-    else:
-        s = input_scale.float().expand(x2.shape[0])
-    return FP8.codes(xf / s[:, None]), s
+def fp8_activations(x2: torch.Tensor, act: str, input_scale: torch.Tensor | None,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 codes of x2 [M, K] and their row scales [M]: per token, scale = absmax/448
+    (dynamic); per tensor, the static input_scale (ops.quantize_fp8: Triton on CUDA, the native
+    kernel on CPUs, the torch twin otherwise)."""
+    return ops.quantize_fp8(x2, input_scale if act == "tensor" else None, backend=backend)
 
 
 class Int8Experts(nn.Module):

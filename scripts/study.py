@@ -182,9 +182,9 @@ ROWS = [
     ("Rotate + OCS split + SmoothQuant searched + rotate_down block 128 + GPTQ + keep float 2",
      "rotate+split:ratio=4,multiple=128+smoothquant:alpha=search,act={act}+rotate_down:deal=false",
      W8A8(act="token", gptq=True, keep_float=2)),
-    ("SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto + keep float 2",
-     "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
-     W8A8(act="tensor", gptq=True, act_clip=True, keep_float=2)),
+    *[(f"SmoothQuant a=0.8 + rotate_down all inputs block 128 + GPTQ + act clip auto + keep float {n}",
+       "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
+       W8A8(act="tensor", gptq=True, act_clip=True, keep_float=n)) for n in (2, 4)],
     # Gemma-3 per-token, servable levers not yet tried with rotate_down: the block rotation on every
     # Linear input (the static default's), the offline head rotation (R2) first; and the floor,
     # the default mitigation with float activations (what GPTQ's int8 weights alone cost)

@@ -52,12 +52,14 @@ DEFAULTS: dict[tuple[str, str], str] = {
     # block-128 rotation after alpha=0.8 + GPTQ: +0.74% (KL 0.00551, top-1 96.38%) against +1.49%
     # (KL 0.01272) without it, both calibrated on the text as text (the +0.32% of earlier rows was
     # calibrated on the `<unk>` ids, before 6f67b85); the full-width rotation in memory: +0.61%
-    # (undealt, as measured: Gemma has no split, so dealing only spreads the largest channels)
-    ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down:deal=false",
-    # static: every Linear input rotated online by the exported 128 block (Gemma's post norms rule
-    # out the offline rotation), which lets act_clip reach every static range: +1.17% (KL 0.01669)
-    # against +4.41% for split + searched SmoothQuant, the static default before it. Dealt: +1.01%
-    # but KL 0.01774; the default follows KL
+    # (undealt, as measured: Gemma has no split, so dealing only spreads the largest channels).
+    # Rotating every Linear input online by the same exported block (Gemma's post norms rule out
+    # the offline rotation; q/k_proj's inputs were what keep_float found costliest): -0.07%
+    # (KL 0.00204, top-1 97.74%), the KL 2.4x lower
+    ("gemma", "token"): "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
+    # static: the same recipe; the rotation of every input lets act_clip reach every static
+    # range: +1.17% (KL 0.01669) against +4.41% for split + searched SmoothQuant, the static
+    # default before it. Dealt: +1.01% but KL 0.01774; the default follows KL
     ("gemma", "tensor"): "smoothquant:alpha=0.8+rotate_down:inputs=all,deal=false",
 }
 KEEP_ROWS = 256  # rows kept per Linear input when a mitigation searches on them

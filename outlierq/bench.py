@@ -1,7 +1,9 @@
 """`outlierq bench kernels`: time each op's backends against naive torch eager on one device.
 
 Bytes moved (the formula behind GB/s): channel_stats reads M*N*elem; quant_token reads M*N*elem and
-writes M*N int8 codes + 4*M scale bytes; quant_tensor reads M*N*elem and writes M*N. Peak bandwidth
+writes M*N int8 codes + 4*M scale bytes; quant_tensor reads M*N*elem and writes M*N; quant_fp8
+(per-token FP8 E4M3) as quant_token, but the native backend writes its codes as float32 (4*M*N:
+what the CPU's fp32 GEMM multiplies). Peak bandwidth
 is measured here with a large device copy (read + write counted), timed again before each shape and
 dtype so each row is compared with the bandwidth of its own moment; known GPUs also get the spec.
 
@@ -27,7 +29,7 @@ from . import allocator, ops
 from .errors import OutlierqError
 from .provenance import atomic_path, stamp
 
-OPS = ("channel_stats", "quant_token", "quant_tensor")
+OPS = ("channel_stats", "quant_token", "quant_tensor", "quant_fp8")
 SPEC_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _THR = (6.0,)
@@ -47,8 +49,13 @@ def _eager(op: str) -> Callable:
     def quant_tensor(x, scale):
         return (x.float() * (1.0 / scale)).round().clamp(-127, 127).to(torch.int8)
 
+    def quant_fp8(x, _):
+        xf = x.float()
+        s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+        return (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
     return {"channel_stats": channel_stats, "quant_token": quant_token,
-            "quant_tensor": quant_tensor}[op]
+            "quant_tensor": quant_tensor, "quant_fp8": quant_fp8}[op]
 
 
 def _impl(op: str, backend: str) -> Callable:
@@ -60,12 +67,15 @@ def _impl(op: str, backend: str) -> Callable:
         return lambda x, a: ops.channel_stats(x, _THR, backend=backend)
     if op == "quant_token":
         return lambda x, a: ops.quantize_per_token(x, backend=backend)
+    if op == "quant_fp8":
+        return lambda x, a: ops.quantize_fp8(x, backend=backend)
     return lambda x, a: ops.quantize_per_tensor(x, a, backend=backend)
 
 
-def _bytes(op: str, m: int, n: int, elem: int) -> int:
+def _bytes(op: str, m: int, n: int, elem: int, backend: str) -> int:
+    code = 4 if op == "quant_fp8" and backend == "native" else 1
     return {"channel_stats": m * n * elem, "quant_token": m * n * elem + m * n + 4 * m,
-            "quant_tensor": m * n * elem + m * n}[op]
+            "quant_tensor": m * n * elem + m * n, "quant_fp8": m * n * elem + m * n * code + 4 * m}[op]
 
 
 def _time(fn: Callable, device: str, budget_s: float, min_reps: int = 5) -> tuple[list[float], float]:
@@ -161,7 +171,7 @@ def bench_kernels(ops_: list[str], shapes: list[tuple[int, int]], dtypes: list[s
                     fn = _impl(op, be)
                     t, first = _time(lambda: fn(x, arg), device, budget_s)
                     p50 = statistics.median(t)
-                    nbytes = _bytes(op, m, n, x.element_size())
+                    nbytes = _bytes(op, m, n, x.element_size(), be)
                     gbps = nbytes / p50 / 1e9
                     base = p50 if be == "eager" else base
                     rows.append({"op": op, "backend": be, "M": m, "N": n, "dtype": dt,

@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("kernels", help="op backends vs naive torch eager: time, GB/s, %% of peak")
-    b.add_argument("--ops", default="channel_stats,quant_token,quant_tensor")
+    b.add_argument("--ops", default="channel_stats,quant_token,quant_tensor,quant_fp8")
     b.add_argument("--shapes", default="2048x576,8192x4096,16384x8192")
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
